@@ -1,0 +1,167 @@
+"""The TBPTT(k1, k2) update schedule, framework-free: which steps each update owns and sees.
+
+Both trainers (`tbptt_jax` and `tbptt_torch`) follow the plan made here, so the two cannot
+disagree about where an update's window starts, which steps carry loss, or where the carry
+for the next update is taken. Positions count from the start of the *extended* sequence:
+the `history` steps carried over from the previous call of a stream (the overlap that
+k2 > k1 needs, at most k2 - k1 steps) followed by the `length` new steps of this call.
+With no history these are the positions of SPEC §1 exactly:
+
+    a_u = (u-1)*k1,  b_u = min(u*k1, T),  s_u = max(0, a_u - (k2 - k1)),
+
+update u owns the loss steps [a_u, b_u) and runs the model over its window [s_u, b_u);
+the carry handed to update u+1 is the state its forward reached at s_{u+1}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+REDUCTIONS = ("mean", "sum")
+TAILS = ("partial", "drop")
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer update: its window, its loss steps and where its carry hand-off lies.
+
+    All positions are indices into the extended sequence (history + new steps);
+    `window_start <= handoff <= loss_stop` and `window_start <= loss_start < loss_stop`.
+    """
+
+    index: int  # 0-based position of this update within the call
+    window_start: int  # s_u: the model runs from the (constant) carry at this step
+    loss_start: int  # a_u: first step whose loss counts
+    loss_stop: int  # b_u: one past the last step of the window and of the loss
+    handoff: int  # s_{u+1}: the carry reached here is handed to the next update
+
+    @property
+    def window_length(self) -> int:
+        return self.loss_stop - self.window_start
+
+    @property
+    def overlap(self) -> int:
+        """Steps of the window before its loss steps: a gradient path, no loss."""
+        return self.loss_start - self.window_start
+
+    @property
+    def loss_length(self) -> int:
+        return self.loss_stop - self.loss_start
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """What a compiled window depends on: (window length, overlap, hand-off offset)."""
+        return (self.window_length, self.overlap, self.handoff - self.window_start)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The plan of one call: its updates, and where the carry it returns is taken.
+
+    After the last update the carry stands at `updates[-1].handoff` (at 0 when there is no
+    update); if that is before `final_carry_at` (the remainder that `tail="drop"` leaves),
+    the trainer runs the model forward, without gradient, with the final parameters up to
+    `final_carry_at`. The steps `[final_carry_at, history + length)` are the overlap the
+    next call of the stream recomputes: they are returned beside the carry.
+    """
+
+    k1: int
+    k2: int
+    tail: str
+    history: int
+    length: int
+    updates: tuple[Update, ...]
+    final_carry_at: int
+
+    @property
+    def total(self) -> int:
+        """Length of the extended sequence: history + new steps."""
+        return self.history + self.length
+
+    @property
+    def carry_after_updates(self) -> int:
+        return self.updates[-1].handoff if self.updates else 0
+
+    def runs(self) -> tuple[tuple[Update, ...], ...]:
+        """Consecutive updates of equal `shape`, k1 apart: each run is one `lax.scan`."""
+        runs: list[list[Update]] = []
+        for update in self.updates:
+            if runs and runs[-1][-1].shape == update.shape:
+                runs[-1].append(update)
+            else:
+                runs.append([update])
+        return tuple(tuple(run) for run in runs)
+
+
+def check_k(k1: object, k2: object = None) -> tuple[int, int]:
+    """Validates k1 and k2 (k2 defaults to k1) and returns them as ints."""
+    for name, value in (("k1", k1), ("k2", k2)):
+        if value is None and name == "k2":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    k2 = k1 if k2 is None else k2
+    if k2 < k1:  # type: ignore[operator]
+        raise ValueError(f"k2 must be >= k1 (k1={k1}), got k2={k2}")
+    return k1, k2  # type: ignore[return-value]
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def number_of_updates(length: int, k1: int, tail: str) -> int:
+    """U for a call of `length` new steps: ceil(T/k1) for "partial", floor for "drop"."""
+    return math.ceil(length / k1) if tail == "partial" else length // k1
+
+
+def plan(
+    length: int,
+    k1: int,
+    k2: int | None = None,
+    *,
+    tail: str = "partial",
+    history: int = 0,
+) -> Schedule:
+    """Plans the updates of one call over `length` new steps.
+
+    Args:
+      length: T, the number of new time steps in this call (>= 1).
+      k1: steps between updates; each update owns k1 loss steps (fewer in a partial tail).
+      k2: steps each update backpropagates through (>= k1; defaults to k1).
+      tail: "partial" trains a last shorter chunk; "drop" leaves the `length % k1` last
+        steps untrained (they still advance the carry).
+      history: steps carried over from the previous call of the stream, at most k2 - k1.
+    """
+    k1, k2 = check_k(k1, k2)
+    check_choice("tail", tail, TAILS)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"the sequence length T must be a positive int, got {length!r}")
+    overlap = k2 - k1
+    if not 0 <= history <= overlap:
+        raise ValueError(f"history must be in [0, k2 - k1 = {overlap}], got {history}")
+
+    updates = []
+    for u in range(number_of_updates(length, k1, tail)):
+        loss_start = history + u * k1
+        loss_stop = min(loss_start + k1, history + length)
+        updates.append(
+            Update(
+                index=u,
+                window_start=max(0, loss_start - overlap),
+                loss_start=loss_start,
+                loss_stop=loss_stop,
+                handoff=max(0, loss_stop - overlap),
+            )
+        )
+    return Schedule(
+        k1=k1,
+        k2=k2,
+        tail=tail,
+        history=history,
+        length=length,
+        updates=tuple(updates),
+        final_carry_at=max(0, history + length - overlap),
+    )

@@ -1,0 +1,9 @@
+"""TBPTT(k1, k2) in JAX: a jitted, functional trainer, torch-compatible models and losses.
+
+No torch import anywhere in this package; `tbptt_torch` is its twin.
+"""
+
+from tbptt_jax import losses, models
+from tbptt_jax._trainer import NonFiniteLossError, OverlapCarry, tbptt_train_step
+
+__all__ = ["NonFiniteLossError", "OverlapCarry", "losses", "models", "tbptt_train_step"]

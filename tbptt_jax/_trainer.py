@@ -1,0 +1,344 @@
+"""The JAX TBPTT(k1, k2) trainer: every update of a sequence in one compiled program.
+
+`tbptt_train_step` checks its arguments, then calls `_train`, which is jitted with the
+update schedule (`tbptt.plan`) as a static argument. `_train` reads as SPEC §1: each update
+starts from the carry at its window start as a constant (`stop_gradient`), runs the model
+over its window with the current parameters, reduces the loss over the steps it owns,
+differentiates, applies the optax update, and hands on the carry its forward reached at
+the next window's start. Updates with the same window shape run as one `lax.scan`; the few
+that differ (windows clipped at step 0, a partial last chunk) are traced on their own.
+
+With k2 > k1 the next call of a stream must recompute the overlap, so the carry returned
+is an `OverlapCarry`: the state at the start of the overlap plus the overlap's inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tbptt.schedule import REDUCTIONS, TAILS, Schedule, Update, check_choice, check_k, plan
+
+Array = jax.Array
+Params = Any  # a pytree of arrays; the models in `tbptt_jax.models` use a flat dict
+Carry = Any
+ApplyFn = Callable[..., tuple[Carry, Array]]
+LossFn = Callable[[Array, Array], Array]
+
+ON_NONFINITE = ("raise", "skip")
+
+
+class OverlapCarry(NamedTuple):
+    """What a stream carries from one call to the next when k2 > k1.
+
+    The next call's first window starts `k2 - k1` steps before its first new step, so it
+    needs the model state there and the inputs of those steps, recomputed with the
+    parameters it then has (SPEC §1: no stale activations).
+    """
+
+    state: Carry  # the model's carry before the first overlap step
+    xs: Array  # shape=[n, B, ...]: the overlap's inputs, n <= k2 - k1
+    resets: Array | None  # shape=[n, B], bool; None when the stream has no resets
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An update's loss or gradient was not finite; the parameters passed in are intact."""
+
+
+class _Record(NamedTuple):
+    loss: Array  # shape=()
+    skipped: Array  # shape=(), bool: the loss or a gradient was not finite
+    grads: Params | None  # the update's gradient, when traced
+    params: Params | None  # the parameters after the update, when traced
+
+
+def _run_model(apply_fn: ApplyFn, params: Params, carry: Carry, xs: Array,
+               resets: Array | None) -> tuple[Carry, Array]:
+    if resets is None:
+        return apply_fn(params, carry, xs)
+    return apply_fn(params, carry, xs, resets)
+
+
+def _window_loss(params, start_carry, window_xs, window_resets, targets, *, shape,
+                 apply_fn, loss_fn, reduction):
+    """The loss of one update and the carry it hands on, as a function of the parameters."""
+    length, overlap, handoff = shape
+    # Truncation: the window starts from a constant; no gradient reaches earlier steps.
+    start_carry = jax.lax.stop_gradient(start_carry)
+
+    def run(carry, lo, hi):
+        resets = None if window_resets is None else window_resets[lo:hi]
+        return _run_model(apply_fn, params, carry, window_xs[lo:hi], resets)
+
+    if handoff == 0:
+        handoff_carry = start_carry
+        _, preds = run(start_carry, 0, length)
+    elif handoff == length:
+        handoff_carry, preds = run(start_carry, 0, length)
+    else:
+        handoff_carry, preds_before = run(start_carry, 0, handoff)
+        _, preds_after = run(handoff_carry, handoff, length)
+        preds = jnp.concatenate([preds_before, preds_after])
+    # Overlap steps are only a gradient path: their outputs carry no loss.
+    losses = loss_fn(preds[overlap:], targets)
+    loss = jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
+    return loss, handoff_carry
+
+
+def _all_finite(tree: Any) -> Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def _update(params, opt_state, start_carry, window_xs, window_resets, targets, *, shape,
+            apply_fn, loss_fn, optimizer, reduction, trace):
+    """One TBPTT update: forward over the window, gradient, one optimizer step."""
+    (loss, handoff_carry), grads = jax.value_and_grad(_window_loss, has_aux=True)(
+        params, start_carry, window_xs, window_resets, targets, shape=shape,
+        apply_fn=apply_fn, loss_fn=loss_fn, reduction=reduction)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient never reaches the parameters or the optimizer state.
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+    record = _Record(loss, ~finite, grads if trace else None, params if trace else None)
+    return params, opt_state, handoff_carry, record
+
+
+def _window(ext_xs, ext_resets, ys, history, update_start, loss_start, shape):
+    """Slices one update's window inputs and loss targets (starts may be traced)."""
+    length, overlap, _ = shape
+    window_xs = jax.lax.dynamic_slice_in_dim(ext_xs, update_start, length)
+    window_resets = (None if ext_resets is None
+                     else jax.lax.dynamic_slice_in_dim(ext_resets, update_start, length))
+    targets = jax.lax.dynamic_slice_in_dim(ys, loss_start - history, length - overlap)
+    return window_xs, window_resets, targets
+
+
+def _stack(records: list[_Record], length_of: list[int]) -> _Record:
+    """Joins single records and scanned (stacked) ones into one record per update."""
+    leading = [jax.tree.map(lambda leaf: leaf[None], r) if n == 0 else r
+               for r, n in zip(records, length_of, strict=True)]
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
+
+
+@partial(jax.jit, static_argnames=("schedule", "apply_fn", "loss_fn", "optimizer",
+                                   "reduction", "trace"))
+def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets, *,
+           schedule: Schedule, apply_fn, loss_fn, optimizer, reduction, trace):
+    ext_xs = jnp.concatenate([history_xs, xs]) if schedule.history else xs
+    ext_resets = None
+    if resets is not None:
+        ext_resets = jnp.concatenate([history_resets, resets]) if schedule.history else resets
+    step = partial(_update, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer,
+                   reduction=reduction, trace=trace)
+
+    records, scanned_lengths = [], []
+    for run in schedule.runs():
+        shape = run[0].shape
+        if len(run) == 1:
+            update: Update = run[0]
+            window = _window(ext_xs, ext_resets, ys, schedule.history, update.window_start,
+                             update.loss_start, shape)
+            params, opt_state, state, record = step(params, opt_state, state, *window,
+                                                    shape=shape)
+            scanned_lengths.append(0)
+        else:
+            def scanned(loop, starts, shape=shape):
+                params, opt_state, state = loop
+                window = _window(ext_xs, ext_resets, ys, schedule.history, *starts, shape)
+                params, opt_state, state, record = step(params, opt_state, state, *window,
+                                                        shape=shape)
+                return (params, opt_state, state), record
+
+            starts = (jnp.array([u.window_start for u in run]),
+                      jnp.array([u.loss_start for u in run]))
+            (params, opt_state, state), record = jax.lax.scan(
+                scanned, (params, opt_state, state), starts)
+            scanned_lengths.append(len(run))
+        records.append(record)
+
+    # tail="drop": the untrained remainder still advances the carry, with the final params.
+    advance_from, advance_to = schedule.carry_after_updates, schedule.final_carry_at
+    if advance_to > advance_from:
+        state, _ = _run_model(
+            apply_fn, params, state, ext_xs[advance_from:advance_to],
+            None if ext_resets is None else ext_resets[advance_from:advance_to])
+
+    if records:
+        record = _stack(records, scanned_lengths)
+        metrics = {"loss": record.loss, "skipped": record.skipped}
+        if trace:
+            metrics["grads"], metrics["params"] = record.grads, record.params
+    else:
+        metrics = {"loss": jnp.zeros((0,)), "skipped": jnp.zeros((0,), bool)}
+    overlap = (ext_xs[schedule.final_carry_at:],
+               None if ext_resets is None else ext_resets[schedule.final_carry_at:])
+    return params, opt_state, state, overlap, metrics
+
+
+def tbptt_train_step(
+    params: Params,
+    opt_state: optax.OptState,
+    carry: Carry | OverlapCarry,
+    xs: Array,
+    ys: Array,
+    *,
+    apply_fn: ApplyFn,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    k1: int,
+    k2: int | None = None,
+    reduction: str = "mean",
+    tail: str = "partial",
+    resets: Array | None = None,
+    on_nonfinite: str = "raise",
+    trace: bool = False,
+) -> tuple[Params, optax.OptState, Carry | OverlapCarry, dict[str, Any]]:
+    """Trains on one sequence with TBPTT(k1, k2): all its updates in one compiled program.
+
+    Args:
+      params: the model's parameters (for `tbptt_jax.models`, a flat dict as torch names it).
+      opt_state: `optimizer.init(params)` or the state a previous call returned.
+      carry: the state before the first step, e.g. `model.initial_carry(B)`; or the carry a
+        previous call returned, to continue the same stream (an `OverlapCarry` if k2 > k1).
+      xs: inputs, time-major `[T, B, ...]`.
+      ys: targets, `[T, B, ...]` with the same T and B.
+      apply_fn: `(params, carry, xs[, resets]) -> (carry, preds)` over a time-major chunk.
+      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`.
+      optimizer: any `optax.GradientTransformation`; pass the same object on every call,
+        since a new one is a new static argument and compiles anew.
+      k1: steps between updates, each update owns k1 loss steps.
+      k2: steps each update backpropagates through (k2 >= k1; defaults to k1).
+      reduction: "mean" (divide by the number of loss terms, as Ignite) or "sum" (the hand
+        loop of SPEC §0).
+      tail: "partial" trains a last chunk shorter than k1; "drop" leaves it untrained,
+        though it still advances the carry.
+      resets: optional bool `[T, B]`: where true, that sequence's carry is replaced by the
+        model's zero carry before that step, in every window containing it.
+      on_nonfinite: "raise" (default) raises `NonFiniteLossError` if any update's loss or
+        gradient is not finite, leaving the caller's parameters as they were; "skip" skips
+        such updates (parameters and optimizer state unchanged) and marks them in
+        `metrics["skipped"]`.
+      trace: also return each update's gradient and the parameters after it, stacked over
+        updates, as `metrics["grads"]` and `metrics["params"]` (for parity checks).
+
+    Returns:
+      `(params, opt_state, carry, metrics)`: `metrics["loss"]` has shape `[U]`, one loss
+      per update, and `metrics["skipped"]` (bool `[U]`) marks skipped updates.
+    """
+    k1, k2 = check_k(k1, k2)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("tail", tail, TAILS)
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    _check_sequences(xs, ys, resets)
+    state, history_xs, history_resets = _split_carry(carry, xs, k1, k2)
+    _check_carry(apply_fn, params, state, xs)
+    schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
+    if resets is not None or history_resets is not None:
+        resets = (jnp.zeros(xs.shape[:2], bool) if resets is None else jnp.asarray(resets))
+        if history_resets is None:
+            history_resets = jnp.zeros(history_xs.shape[:2], bool)
+
+    new_params, new_opt_state, state, (overlap_xs, overlap_resets), metrics = _train(
+        params, opt_state, state, history_xs, xs, ys, history_resets, resets,
+        schedule=schedule, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer,
+        reduction=reduction, trace=trace)
+
+    if on_nonfinite == "raise" and bool(jnp.any(metrics["skipped"])):
+        first = int(np.argmax(np.asarray(metrics["skipped"])))
+        raise NonFiniteLossError(
+            f"update {first} of this call has a non-finite loss ({float(metrics['loss'][first])}) "
+            "or gradient; nothing of this call was applied, the params passed in are "
+            "unchanged. Pass on_nonfinite='skip' to skip such updates instead.")
+    if k2 > k1:
+        state = OverlapCarry(state, overlap_xs, overlap_resets)
+    return new_params, new_opt_state, state, metrics
+
+
+def _describe(tree: Any) -> Any:
+    return jax.tree.map(lambda leaf: tuple(np.shape(leaf)), tree)
+
+
+def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
+    if xs.ndim < 2 or ys.ndim < 2:
+        raise ValueError(f"xs and ys must be time-major [T, B, ...]; got xs of shape {xs.shape} "
+                         f"and ys of shape {ys.shape}")
+    if xs.shape[0] == 0 or xs.shape[1] == 0:
+        raise ValueError(f"xs must hold at least one step of one sequence, got shape {xs.shape}")
+    if xs.shape[:2] != ys.shape[:2]:
+        raise ValueError(f"ys must have the [T, B] of xs, expected {xs.shape[:2]}, "
+                         f"got {ys.shape[:2]}")
+    if resets is not None:
+        shape, dtype = np.shape(resets), getattr(resets, "dtype", None)
+        if shape != xs.shape[:2] or dtype != np.bool_:
+            raise ValueError(f"resets must be bool of shape [T, B] = {xs.shape[:2]}, got "
+                             f"{dtype} of shape {shape}")
+
+
+def _split_carry(carry: Any, xs: Array, k1: int, k2: int) -> tuple[Carry, Array, Array | None]:
+    """(model state, overlap inputs, overlap resets) from what the caller passed."""
+    if not isinstance(carry, OverlapCarry):
+        return carry, jnp.zeros((0, *xs.shape[1:]), xs.dtype), None
+    history_xs = jnp.asarray(carry.xs)
+    if history_xs.shape[0] > k2 - k1:
+        raise ValueError(f"carry: an OverlapCarry holds at most k2 - k1 = {k2 - k1} steps, "
+                         f"got {history_xs.shape[0]} (was it made with other k1, k2?)")
+    if history_xs.shape[1:] != xs.shape[1:]:
+        raise ValueError(f"carry: the OverlapCarry's inputs must be [n, *{xs.shape[1:]}] "
+                         f"like xs, got {history_xs.shape}")
+    return carry.state, history_xs, carry.resets
+
+
+_checked: set[Any] = set()
+
+
+def _check_carry(apply_fn: ApplyFn, params: Params, state: Carry, xs: Array) -> None:
+    """Checks the carry (and a model's params) against the model for this batch, once per
+    signature: a model of `tbptt_jax.models` is asked directly; any other `apply_fn` is
+    traced for one step, and must hand back a carry of the shapes it was given."""
+    signature = (apply_fn, jax.tree.structure((params, state)),
+                 tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                       for x in jax.tree.leaves((params, state))),
+                 xs.shape[1:], str(xs.dtype))
+    if signature in _checked:
+        return
+    batch = xs.shape[1]
+    model = getattr(apply_fn, "__self__", None)
+    if hasattr(model, "param_shapes") and hasattr(model, "initial_carry"):
+        _check_params(model.param_shapes(), params)
+        expected = jax.eval_shape(partial(model.initial_carry, batch))
+        if jax.tree.structure(expected) != jax.tree.structure(state) or \
+                _describe(state) != _describe(expected):
+            raise ValueError(f"carry must match the model for batch size {batch}: expected "
+                             f"shapes {_describe(expected)}, got {_describe(state)}")
+    try:
+        out_state, _ = jax.eval_shape(partial(_run_model, apply_fn), params, state, xs[:1], None)
+    except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        raise ValueError(f"carry of shapes {_describe(state)} does not fit apply_fn with xs of "
+                         f"shape {xs.shape}: {error}") from error
+    if _describe(out_state) != _describe(state):
+        raise ValueError(f"carry must keep its shapes through apply_fn for batch size {batch}: "
+                         f"got {_describe(state)}, apply_fn returns {_describe(out_state)}")
+    _checked.add(signature)
+
+
+def _check_params(expected: dict[str, tuple[int, ...]], params: Any) -> None:
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+    missing = [name for name in expected if name not in params]
+    unexpected = [name for name in params if name not in expected]
+    if missing or unexpected:
+        raise ValueError(f"params must have the keys {list(expected)}; missing {missing}, "
+                         f"unexpected {unexpected}")
+    for name, shape in expected.items():
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"params[{name!r}] must have shape {shape}, "
+                             f"got {tuple(np.shape(params[name]))}")

@@ -1,0 +1,35 @@
+"""Per-term losses for the JAX trainer: `loss_fn(preds, targets) -> losses[T, B]`.
+
+The trainer reduces these over an update's loss steps (`reduction="mean"` or `"sum"`), so
+each function returns one loss per time step and sequence. They match `tbptt_torch.losses`
+and, under the mean reduction, `nn.MSELoss()` and `nn.CrossEntropyLoss()`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def mse(preds: Array, targets: Array) -> Array:
+    """Squared error averaged over the feature axes: `[T, B, ...] -> [T, B]`.
+
+    Averaging (not summing) the features makes the mean over `[T, B]` equal to
+    `nn.MSELoss()`'s mean over every element, as in Ignite's trainer.
+    """
+    if preds.shape != targets.shape:
+        raise ValueError(f"mse: preds and targets must have one shape, got {preds.shape} "
+                         f"and {targets.shape}")
+    squared = jnp.square(preds - targets)
+    return jnp.mean(squared, axis=tuple(range(2, squared.ndim))) if squared.ndim > 2 else squared
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Softmax cross-entropy of integer labels: logits `[T, B, C]`, labels `[T, B]` -> `[T, B]`."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"cross_entropy: labels must have shape {logits.shape[:-1]} (the "
+                         f"logits' without the class axis), got {labels.shape}")
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]

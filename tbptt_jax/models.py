@@ -1,0 +1,230 @@
+"""Elman, GRU and LSTM sequence models in JAX, laid out exactly as their `tbptt_torch` twins.
+
+A model is a small frozen description with pure functions: `init(key) -> params`,
+`initial_carry(batch_size) -> carry` and `apply(params, carry, xs) -> (carry, ys)` over a
+time-major chunk. `params` is a flat dict whose keys and shapes are the `state_dict()` of
+the matching torch model (`rnn.weight_ih_l0`, ..., `head.weight`, `head.bias`), so weights
+cross frameworks by copying. The carry has torch's layout: LSTM `(h, c)`, each
+`[num_layers, B, H]`; GRU and Elman `h[num_layers, B, H]`.
+
+`apply` runs one layer at a time over the whole chunk, as cuDNN does: the input projection
+of every step is one matrix product outside the recurrence, and a `lax.scan` runs the
+recurrence. `step` is the plain one-step reference the tests hold `apply` to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Params = dict[str, Array]
+Carry = Any  # Array h[L, B, H] (Elman, GRU) or tuple (h, c) of them (LSTM)
+
+GATES = {"elman": 1, "gru": 3, "lstm": 4}
+
+
+def _elman_cell(carry: Array, x_proj: Array, w_hh: Array, b_hh: Array) -> Array:
+    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); `x_proj` is W_ih x + b_ih."""
+    return jnp.tanh(x_proj + carry @ w_hh.T + b_hh[None, :])
+
+
+def _gru_cell(carry: Array, x_proj: Array, w_hh: Array, b_hh: Array) -> Array:
+    """torch.nn.GRU, gates r, z, n:
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
+    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+    h' = (1 - z) * n + z * h
+    """
+    h_proj = carry @ w_hh.T + b_hh[None, :]
+    x_r, x_z, x_n = jnp.split(x_proj, 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(h_proj, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * carry
+
+
+def _lstm_cell(
+    carry: tuple[Array, Array], x_proj: Array, w_hh: Array, b_hh: Array
+) -> tuple[Array, Array]:
+    """torch.nn.LSTM, gates i, f, g, o:
+
+    i, f, o = sigmoid(W_i* x + b_i* + W_h* h + b_h*);  g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+    c' = f * c + i * g;  h' = o * tanh(c')
+    """
+    h, c = carry
+    gates = x_proj + h @ w_hh.T + b_hh[None, :]
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h, c
+
+
+CELLS: dict[str, Callable[..., Any]] = {"elman": _elman_cell, "gru": _gru_cell, "lstm": _lstm_cell}
+
+
+def _hidden(layer_carry: Any, cell: str) -> Array:
+    return layer_carry[0] if cell == "lstm" else layer_carry
+
+
+def _reset(layer_carry: Any, reset: Array) -> Any:
+    """Replaces the carry of the rows where `reset[B]` is true with zeros (a select, not a
+    product, so a NaN in a finished sequence cannot leak)."""
+    return jax.tree.map(lambda part: jnp.where(reset[:, None], jnp.zeros_like(part), part),
+                        layer_carry)
+
+
+@dataclass(frozen=True)
+class RecurrentModel:
+    """A stack of `num_layers` recurrent layers (`rnn.`) and a linear readout (`head.`).
+
+    Attributes:
+      cell: "elman", "gru" or "lstm".
+      input_size: I, features of each input step.
+      hidden_size: H, units of each recurrent layer.
+      output_size: O, features of each output step.
+      num_layers: L, stacked recurrent layers.
+    """
+
+    cell: str
+    input_size: int
+    hidden_size: int
+    output_size: int
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {tuple(CELLS)}, got {self.cell!r}")
+        for name in ("input_size", "hidden_size", "output_size", "num_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The `state_dict()` keys and shapes of the matching torch model, in its order."""
+        gates_h = GATES[self.cell] * self.hidden_size
+        shapes = {}
+        for layer in range(self.num_layers):
+            layer_input = self.input_size if layer == 0 else self.hidden_size
+            shapes[f"rnn.weight_ih_l{layer}"] = (gates_h, layer_input)
+            shapes[f"rnn.weight_hh_l{layer}"] = (gates_h, self.hidden_size)
+            shapes[f"rnn.bias_ih_l{layer}"] = (gates_h,)
+            shapes[f"rnn.bias_hh_l{layer}"] = (gates_h,)
+        shapes["head.weight"] = (self.output_size, self.hidden_size)
+        shapes["head.bias"] = (self.output_size,)
+        return shapes
+
+    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
+        """Fresh parameters drawn as torch draws them: every entry U(-1/sqrt(H), 1/sqrt(H)).
+
+        (torch.nn.RNN/GRU/LSTM use that bound for all their weights and biases; nn.Linear's
+        kaiming-uniform(a=sqrt(5)) weight and its bias reduce to 1/sqrt(fan_in) = 1/sqrt(H).)
+        """
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        shapes = self.param_shapes()
+        keys = jax.random.split(key, len(shapes))
+        return {
+            name: jax.random.uniform(k, shape, dtype, minval=-bound, maxval=bound)
+            for k, (name, shape) in zip(keys, shapes.items(), strict=True)
+        }
+
+    def initial_carry(self, batch_size: int, dtype: Any = jnp.float32) -> Carry:
+        """The zero carry: `h[L, B, H]`, or `(h, c)` for the LSTM."""
+        h = jnp.zeros((self.num_layers, batch_size, self.hidden_size), dtype)
+        return (h, h) if self.cell == "lstm" else h
+
+    def _layer_carry(self, carry: Carry, layer: int) -> Any:
+        return jax.tree.map(lambda part: part[layer], carry)
+
+    def _stack_layers(self, layer_carries: list[Any]) -> Carry:
+        return jax.tree.map(lambda *parts: jnp.stack(parts), *layer_carries)
+
+    def _readout(self, params: Params, hidden: Array) -> Array:
+        weight, bias = params["head.weight"], params["head.bias"]
+        return hidden @ weight.T + bias.reshape((1,) * (hidden.ndim - 1) + bias.shape)
+
+    def apply(
+        self, params: Params, carry: Carry, xs: Array, resets: Array | None = None
+    ) -> tuple[Carry, Array]:
+        """Runs the model over a time-major chunk.
+
+        Args:
+          params: as returned by `init` (or converted from torch).
+          carry: the state before the first step, see `initial_carry`.
+          xs: inputs of shape `[T, B, I]`.
+          resets: optional bool `[T, B]`; where true, that sequence's carry is replaced by
+            zeros before that step.
+
+        Returns:
+          `(carry, ys)`: the state after the last step and outputs of shape `[T, B, O]`.
+        """
+        cell = CELLS[self.cell]
+        layer_inputs = xs
+        final_carries = []
+        for layer in range(self.num_layers):
+            w_ih = params[f"rnn.weight_ih_l{layer}"]
+            b_ih = params[f"rnn.bias_ih_l{layer}"]
+            w_hh = params[f"rnn.weight_hh_l{layer}"]
+            b_hh = params[f"rnn.bias_hh_l{layer}"]
+            # One matrix product for the input projection of every step of the chunk.
+            projected = layer_inputs @ w_ih.T + b_ih[None, None, :]
+
+            def recurrence(layer_carry, step_inputs, w_hh=w_hh, b_hh=b_hh):
+                x_proj, reset = step_inputs
+                if reset is not None:
+                    layer_carry = _reset(layer_carry, reset)
+                layer_carry = cell(layer_carry, x_proj, w_hh, b_hh)
+                return layer_carry, _hidden(layer_carry, self.cell)
+
+            layer_carry, layer_inputs = jax.lax.scan(
+                recurrence, self._layer_carry(carry, layer), (projected, resets)
+            )
+            final_carries.append(layer_carry)
+        return self._stack_layers(final_carries), self._readout(params, layer_inputs)
+
+    def step(
+        self, params: Params, carry: Carry, x: Array, reset: Array | None = None
+    ) -> tuple[Carry, Array]:
+        """One time step through every layer and the readout: `x[B, I] -> y[B, O]`.
+
+        The plain reference that `apply` must equal when looped over a chunk.
+        """
+        cell = CELLS[self.cell]
+        layer_input = x
+        new_carries = []
+        for layer in range(self.num_layers):
+            layer_carry = self._layer_carry(carry, layer)
+            if reset is not None:
+                layer_carry = _reset(layer_carry, reset)
+            x_proj = (layer_input @ params[f"rnn.weight_ih_l{layer}"].T
+                      + params[f"rnn.bias_ih_l{layer}"][None, :])
+            layer_carry = cell(layer_carry, x_proj, params[f"rnn.weight_hh_l{layer}"],
+                               params[f"rnn.bias_hh_l{layer}"])
+            new_carries.append(layer_carry)
+            layer_input = _hidden(layer_carry, self.cell)
+        return self._stack_layers(new_carries), self._readout(params, layer_input)
+
+
+def elman(input_size: int, hidden_size: int, output_size: int, *, num_layers: int = 1
+          ) -> RecurrentModel:
+    """An Elman (tanh) RNN with a linear readout; the twin of `tbptt_torch.models.ElmanModel`."""
+    return RecurrentModel("elman", input_size, hidden_size, output_size, num_layers)
+
+
+def gru(input_size: int, hidden_size: int, output_size: int, *, num_layers: int = 1
+        ) -> RecurrentModel:
+    """A GRU with a linear readout; the twin of `tbptt_torch.models.GRUModel`."""
+    return RecurrentModel("gru", input_size, hidden_size, output_size, num_layers)
+
+
+def lstm(input_size: int, hidden_size: int, output_size: int, *, num_layers: int = 1
+         ) -> RecurrentModel:
+    """An LSTM with a linear readout; the twin of `tbptt_torch.models.LSTMModel`."""
+    return RecurrentModel("lstm", input_size, hidden_size, output_size, num_layers)

@@ -1,0 +1,219 @@
+"""The PyTorch TBPTT(k1, k2) trainer, the twin of `tbptt_jax.tbptt_train_step`.
+
+It follows the same plan (`tbptt.plan`) with the same semantics (SPEC §1): each update
+clears the gradients, runs the model over its window from the carry at the window start
+(detached), reduces the loss over the steps it owns, backpropagates, takes one optimizer
+step, and hands on the (detached) carry its forward reached at the next window's start.
+The window runs as one fused `nn.RNN/GRU/LSTM` call (two when the hand-off lies inside it).
+
+With k2 > k1 the carry returned is an `OverlapCarry`: the state at the start of the
+overlap and the overlap's inputs, which the next call of the stream recomputes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from tbptt.schedule import REDUCTIONS, TAILS, Update, check_choice, check_k, plan
+from tbptt_torch.models import Carry
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OnUpdate = Callable[[int, torch.Tensor, nn.Module], None]
+
+ON_NONFINITE = ("raise", "skip")
+
+
+class OverlapCarry(NamedTuple):
+    """What a stream carries from one call to the next when k2 > k1 (see `tbptt_jax`)."""
+
+    state: Carry  # the model's carry before the first overlap step
+    xs: torch.Tensor  # [n, B, ...]: the overlap's inputs, n <= k2 - k1
+    resets: torch.Tensor | None  # [n, B] bool; None when the stream has no resets
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An update's loss or gradient was not finite; that update was not applied."""
+
+
+def _detach(carry: Carry) -> Carry:
+    if isinstance(carry, tuple):
+        return tuple(part.detach() for part in carry)
+    return carry.detach()
+
+
+def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
+               resets: torch.Tensor | None) -> tuple[Carry, torch.Tensor]:
+    preds, carry = model(xs, carry) if resets is None else model(xs, carry, resets)
+    return carry, preds
+
+
+def _window_loss(model, start_carry, window_xs, window_resets, targets, update: Update,
+                 loss_fn, reduction) -> tuple[torch.Tensor, Carry]:
+    """The loss of one update and the carry it hands on."""
+    length, overlap, handoff = update.shape
+    # Truncation: the window starts from a constant; no gradient reaches earlier steps.
+    start_carry = _detach(start_carry)
+
+    def run(carry, lo, hi):
+        resets = None if window_resets is None else window_resets[lo:hi]
+        return _run_model(model, carry, window_xs[lo:hi], resets)
+
+    if handoff == 0:
+        handoff_carry = start_carry
+        _, preds = run(start_carry, 0, length)
+    elif handoff == length:
+        handoff_carry, preds = run(start_carry, 0, length)
+    else:
+        handoff_carry, preds_before = run(start_carry, 0, handoff)
+        _, preds_after = run(handoff_carry, handoff, length)
+        preds = torch.cat([preds_before, preds_after])
+    # Overlap steps are only a gradient path: their outputs carry no loss.
+    losses = loss_fn(preds[overlap:], targets)
+    loss = losses.mean() if reduction == "mean" else losses.sum()
+    return loss, _detach(handoff_carry)
+
+
+def _gradients_finite(model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def tbptt_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    carry: Carry | OverlapCarry | None,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    *,
+    loss_fn: LossFn,
+    k1: int,
+    k2: int | None = None,
+    reduction: str = "mean",
+    tail: str = "partial",
+    resets: torch.Tensor | None = None,
+    on_nonfinite: str = "raise",
+    on_update: OnUpdate | None = None,
+) -> tuple[Carry | OverlapCarry, torch.Tensor]:
+    """Trains `model` in place on one sequence with TBPTT(k1, k2).
+
+    Args:
+      model: `forward(xs, carry[, resets]) -> (preds, carry)` over a time-major chunk, e.g.
+        `tbptt_torch.models.LSTMModel`.
+      optimizer: any `torch.optim.Optimizer` over the model's parameters.
+      carry: the state before the first step; None for the model's zero carry; or the carry
+        a previous call returned, to continue the stream (an `OverlapCarry` if k2 > k1).
+      xs: inputs, time-major `[T, B, ...]`.
+      ys: targets, `[T, B, ...]` with the same T and B.
+      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_torch.losses.mse`.
+      k1, k2, reduction, tail, resets, on_nonfinite: as in `tbptt_jax.tbptt_train_step`.
+        With on_nonfinite="raise", the updates before the failing one stay applied (the
+        model is trained in place); the failing one is not.
+      on_update: optional `f(update_index, loss, model)`, called after each update's
+        optimizer step; the update's gradients are still in `p.grad`.
+
+    Returns:
+      `(carry, losses)`: the carry to continue the stream with, and the `[U]` losses.
+    """
+    k1, k2 = check_k(k1, k2)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("tail", tail, TAILS)
+    check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    _check_sequences(xs, ys, resets)
+    state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
+    schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
+
+    ext_xs = torch.cat([history_xs, xs])
+    ext_resets = None
+    if resets is not None or history_resets is not None:
+        if resets is None:
+            resets = torch.zeros(xs.shape[:2], dtype=torch.bool, device=xs.device)
+        if history_resets is None:
+            history_resets = torch.zeros(history_xs.shape[:2], dtype=torch.bool,
+                                         device=xs.device)
+        ext_resets = torch.cat([history_resets, resets])
+
+    losses = []
+    for update in schedule.updates:
+        optimizer.zero_grad(set_to_none=True)
+        window = slice(update.window_start, update.loss_stop)
+        targets = ys[update.loss_start - schedule.history:update.loss_stop - schedule.history]
+        loss, state = _window_loss(
+            model, state, ext_xs[window], None if ext_resets is None else ext_resets[window],
+            targets, update, loss_fn, reduction)
+        loss.backward()
+        # A non-finite loss or gradient never reaches the parameters or the optimizer state.
+        if torch.isfinite(loss) and _gradients_finite(model):
+            optimizer.step()
+        elif on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"update {update.index} of this call has a non-finite loss ({loss.item()}) or "
+                "gradient; it was not applied (the updates before it were). Pass "
+                "on_nonfinite='skip' to skip such updates instead.")
+        losses.append(loss.detach())
+        if on_update is not None:
+            on_update(update.index, loss.detach(), model)
+
+    # tail="drop": the untrained remainder still advances the carry, with the final params.
+    advance = slice(schedule.carry_after_updates, schedule.final_carry_at)
+    if advance.stop > advance.start:
+        with torch.no_grad():
+            state, _ = _run_model(model, state, ext_xs[advance],
+                                  None if ext_resets is None else ext_resets[advance])
+    loss_dtype = next(model.parameters()).dtype
+    losses_out = torch.stack(losses) if losses else torch.zeros(0, dtype=loss_dtype)
+    if k2 == k1:
+        return state, losses_out
+    tail_steps = slice(schedule.final_carry_at, None)
+    return OverlapCarry(state, ext_xs[tail_steps],
+                        None if ext_resets is None else ext_resets[tail_steps]), losses_out
+
+
+def _shapes(carry: Carry) -> Any:
+    return tuple(tuple(p.shape) for p in carry) if isinstance(carry, tuple) else tuple(carry.shape)
+
+
+def _check_sequences(xs: torch.Tensor, ys: torch.Tensor, resets: torch.Tensor | None) -> None:
+    if xs.ndim < 2 or ys.ndim < 2:
+        raise ValueError(f"xs and ys must be time-major [T, B, ...]; got xs of shape "
+                         f"{tuple(xs.shape)} and ys of shape {tuple(ys.shape)}")
+    if xs.shape[0] == 0 or xs.shape[1] == 0:
+        raise ValueError(f"xs must hold at least one step of one sequence, got shape "
+                         f"{tuple(xs.shape)}")
+    if xs.shape[:2] != ys.shape[:2]:
+        raise ValueError(f"ys must have the [T, B] of xs, expected {tuple(xs.shape[:2])}, "
+                         f"got {tuple(ys.shape[:2])}")
+    if resets is not None and (tuple(resets.shape) != tuple(xs.shape[:2])
+                               or resets.dtype != torch.bool):
+        raise ValueError(f"resets must be bool of shape [T, B] = {tuple(xs.shape[:2])}, got "
+                         f"{resets.dtype} of shape {tuple(resets.shape)}")
+
+
+def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: int
+                 ) -> tuple[Carry, torch.Tensor, torch.Tensor | None]:
+    """(model state, overlap inputs, overlap resets) from what the caller passed."""
+    history_xs, history_resets = xs[:0], None
+    if isinstance(carry, OverlapCarry):
+        carry, history_xs, history_resets = carry
+        if history_xs.shape[0] > k2 - k1:
+            raise ValueError(f"carry: an OverlapCarry holds at most k2 - k1 = {k2 - k1} steps, "
+                             f"got {history_xs.shape[0]} (was it made with other k1, k2?)")
+        if history_xs.shape[1:] != xs.shape[1:]:
+            raise ValueError(f"carry: the OverlapCarry's inputs must be [n, "
+                             f"*{tuple(xs.shape[1:])}] like xs, got {tuple(history_xs.shape)}")
+    initial_carry = getattr(model, "initial_carry", None)
+    if initial_carry is None and carry is None:
+        raise ValueError("carry: None means the model's zero carry, but the model has no "
+                         "initial_carry(batch_size) method; pass the carry explicitly")
+    if initial_carry is not None:
+        expected = initial_carry(xs.shape[1])
+        if carry is None:
+            carry = expected
+        elif (isinstance(carry, tuple) != isinstance(expected, tuple)
+              or _shapes(carry) != _shapes(expected)):
+            raise ValueError(f"carry must match the model for batch size {xs.shape[1]}: "
+                             f"expected shapes {_shapes(expected)}, got {_shapes(carry)}")
+    return carry, history_xs, history_resets
