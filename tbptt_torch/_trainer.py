@@ -126,7 +126,7 @@ def tbptt_train_step(
     state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
     schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
 
-    ext_xs = torch.cat([history_xs, xs])
+    ext_xs = torch.cat([history_xs, xs]) if schedule.history else xs
     ext_resets = None
     if resets is not None or history_resets is not None:
         if resets is None:
@@ -134,7 +134,7 @@ def tbptt_train_step(
         if history_resets is None:
             history_resets = torch.zeros(history_xs.shape[:2], dtype=torch.bool,
                                          device=xs.device)
-        ext_resets = torch.cat([history_resets, resets])
+        ext_resets = torch.cat([history_resets, resets]) if schedule.history else resets
 
     losses = []
     for update in schedule.updates:
