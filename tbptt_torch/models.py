@@ -8,12 +8,10 @@ some sequence restarts, and only there.
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import nn
 
-Carry = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # h[L, B, H] or (h, c)
+Carry = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # h[L, B, H] or (h, c)
 
 
 def _zero_rows(carry: Carry, reset: torch.Tensor) -> Carry:
@@ -67,7 +65,7 @@ class RecurrentModel(nn.Module):
         reset_steps = torch.nonzero(resets.any(dim=1)).flatten().tolist()
         bounds = sorted({0, *reset_steps, xs.shape[0]})
         pieces = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
             if resets[lo].any():
                 carry = _zero_rows(carry, resets[lo])
             hidden, carry = self.rnn(xs[lo:hi], carry)
