@@ -1,5 +1,16 @@
-"""What both trainers share and neither framework is needed for: the TBPTT update schedule."""
+"""What both trainers share and neither framework is needed for: the TBPTT update schedule
+and the argument checks."""
 
-from tbptt.schedule import REDUCTIONS, TAILS, Schedule, Update, check_choice, check_k, plan
+from tbptt.checks import (
+    ON_NONFINITE,
+    REDUCTIONS,
+    TAILS,
+    check_choice,
+    check_int,
+    check_k,
+    check_overlap,
+)
+from tbptt.schedule import Schedule, Update, plan
 
-__all__ = ["REDUCTIONS", "TAILS", "Schedule", "Update", "check_choice", "check_k", "plan"]
+__all__ = ["ON_NONFINITE", "REDUCTIONS", "TAILS", "Schedule", "Update", "check_choice",
+           "check_int", "check_k", "check_overlap", "plan"]

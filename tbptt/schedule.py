@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-REDUCTIONS = ("mean", "sum")
-TAILS = ("partial", "drop")
+from tbptt.checks import TAILS, check_choice, check_int, check_k
 
 
 @dataclass(frozen=True)
@@ -94,24 +93,6 @@ class Schedule:
         return tuple(tuple(run) for run in runs)
 
 
-def check_k(k1: object, k2: object = None) -> tuple[int, int]:
-    """Validates k1 and k2 (k2 defaults to k1) and returns them as ints."""
-    for name, value in (("k1", k1), ("k2", k2)):
-        if value is None and name == "k2":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    k2 = k1 if k2 is None else k2
-    if k2 < k1:  # type: ignore[operator]
-        raise ValueError(f"k2 must be >= k1 (k1={k1}), got k2={k2}")
-    return k1, k2  # type: ignore[return-value]
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def number_of_updates(length: int, k1: int, tail: str) -> int:
     """U for a call of `length` new steps: ceil(T/k1) for "partial", floor for "drop"."""
     return math.ceil(length / k1) if tail == "partial" else length // k1
@@ -137,10 +118,10 @@ def plan(
     """
     k1, k2 = check_k(k1, k2)
     check_choice("tail", tail, TAILS)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"the sequence length T must be a positive int, got {length!r}")
+    length = check_int("the sequence length T", length)
+    history = check_int("history", history, minimum=0)
     overlap = k2 - k1
-    if not 0 <= history <= overlap:
+    if history > overlap:
         raise ValueError(f"history must be in [0, k2 - k1 = {overlap}], got {history}")
 
     updates = []

@@ -23,16 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tbptt.schedule import REDUCTIONS, TAILS, Schedule, Update, check_choice, check_k, plan
+from tbptt.checks import (
+    ON_NONFINITE,
+    REDUCTIONS,
+    TAILS,
+    check_choice,
+    check_k,
+    check_overlap,
+    nonfinite_cause,
+)
+from tbptt.schedule import Schedule, Update, plan
+from tbptt_jax.models import RecurrentModel
 
 Array = jax.Array
 Params = Any  # a pytree of arrays; the models in `tbptt_jax.models` use a flat dict
 Carry = Any
 ApplyFn = Callable[..., tuple[Carry, Array]]
 LossFn = Callable[[Array, Array], Array]
-
-ON_NONFINITE = ("raise", "skip")
-
 
 class OverlapCarry(NamedTuple):
     """What a stream carries from one call to the next when k2 > k1.
@@ -238,12 +245,14 @@ def tbptt_train_step(
     check_choice("tail", tail, TAILS)
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
+    resets = None if resets is None else jnp.asarray(resets)
     _check_sequences(xs, ys, resets)
     state, history_xs, history_resets = _split_carry(carry, xs, k1, k2)
-    _check_carry(apply_fn, params, state, xs)
+    _check_model_inputs(apply_fn, loss_fn, params, state, xs, ys)
     schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
     if resets is not None or history_resets is not None:
-        resets = (jnp.zeros(xs.shape[:2], bool) if resets is None else jnp.asarray(resets))
+        if resets is None:
+            resets = jnp.zeros(xs.shape[:2], bool)
         if history_resets is None:
             history_resets = jnp.zeros(history_xs.shape[:2], bool)
 
@@ -255,16 +264,17 @@ def tbptt_train_step(
     if on_nonfinite == "raise" and bool(jnp.any(metrics["skipped"])):
         first = int(np.argmax(np.asarray(metrics["skipped"])))
         raise NonFiniteLossError(
-            f"update {first} of this call has a non-finite loss ({float(metrics['loss'][first])}) "
-            "or gradient; nothing of this call was applied, the params passed in are "
-            "unchanged. Pass on_nonfinite='skip' to skip such updates instead.")
+            f"update {first} of this call has {nonfinite_cause(float(metrics['loss'][first]))}; "
+            "nothing of this call was applied, the params passed in are unchanged. Pass "
+            "on_nonfinite='skip' to skip such updates instead.")
     if k2 > k1:
         state = OverlapCarry(state, overlap_xs, overlap_resets)
     return new_params, new_opt_state, state, metrics
 
 
 def _describe(tree: Any) -> Any:
-    return jax.tree.map(lambda leaf: tuple(np.shape(leaf)), tree)
+    """Shapes and dtypes of a pytree's leaves, for error messages."""
+    return jax.tree.map(lambda leaf: f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}", tree)
 
 
 def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
@@ -276,11 +286,9 @@ def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
     if xs.shape[:2] != ys.shape[:2]:
         raise ValueError(f"ys must have the [T, B] of xs, expected {xs.shape[:2]}, "
                          f"got {ys.shape[:2]}")
-    if resets is not None:
-        shape, dtype = np.shape(resets), getattr(resets, "dtype", None)
-        if shape != xs.shape[:2] or dtype != np.bool_:
-            raise ValueError(f"resets must be bool of shape [T, B] = {xs.shape[:2]}, got "
-                             f"{dtype} of shape {shape}")
+    if resets is not None and (resets.shape != xs.shape[:2] or resets.dtype != np.bool_):
+        raise ValueError(f"resets must be bool of shape [T, B] = {xs.shape[:2]}, got "
+                         f"{resets.dtype} of shape {resets.shape}")
 
 
 def _split_carry(carry: Any, xs: Array, k1: int, k2: int) -> tuple[Carry, Array, Array | None]:
@@ -288,45 +296,59 @@ def _split_carry(carry: Any, xs: Array, k1: int, k2: int) -> tuple[Carry, Array,
     if not isinstance(carry, OverlapCarry):
         return carry, jnp.zeros((0, *xs.shape[1:]), xs.dtype), None
     history_xs = jnp.asarray(carry.xs)
-    if history_xs.shape[0] > k2 - k1:
-        raise ValueError(f"carry: an OverlapCarry holds at most k2 - k1 = {k2 - k1} steps, "
-                         f"got {history_xs.shape[0]} (was it made with other k1, k2?)")
-    if history_xs.shape[1:] != xs.shape[1:]:
-        raise ValueError(f"carry: the OverlapCarry's inputs must be [n, *{xs.shape[1:]}] "
-                         f"like xs, got {history_xs.shape}")
-    return carry.state, history_xs, carry.resets
+    history_resets = None if carry.resets is None else jnp.asarray(carry.resets)
+    check_overlap(history_xs.shape, None if history_resets is None else history_resets.shape,
+                  xs.shape, k1, k2)
+    return carry.state, history_xs, history_resets
 
 
 _checked: set[Any] = set()
 
 
-def _check_carry(apply_fn: ApplyFn, params: Params, state: Carry, xs: Array) -> None:
-    """Checks the carry (and a model's params) against the model for this batch, once per
-    signature: a model of `tbptt_jax.models` is asked directly; any other `apply_fn` is
-    traced for one step, and must hand back a carry of the shapes it was given."""
-    signature = (apply_fn, jax.tree.structure((params, state)),
-                 tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
-                       for x in jax.tree.leaves((params, state))),
-                 xs.shape[1:], str(xs.dtype))
+def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, state: Carry,
+                        xs: Array, ys: Array) -> None:
+    """Checks params, carry, xs and ys against the model and the loss, once per signature.
+
+    A model of `tbptt_jax.models` is asked for its parameter shapes, input size and carry;
+    any `apply_fn` is traced for one step (it must hand back a carry like the one it was
+    given) and `loss_fn` on its predictions and `ys`.
+    """
+    signature = (apply_fn, loss_fn, jax.tree.structure((params, state)),
+                 tuple(_describe(jax.tree.leaves((params, state)))),
+                 xs.shape[1:], xs.dtype, ys.shape[1:], ys.dtype)
     if signature in _checked:
         return
     batch = xs.shape[1]
     model = getattr(apply_fn, "__self__", None)
-    if hasattr(model, "param_shapes") and hasattr(model, "initial_carry"):
+    if isinstance(model, RecurrentModel):
         _check_params(model.param_shapes(), params)
-        expected = jax.eval_shape(partial(model.initial_carry, batch))
+        if xs.shape[2:] != (model.input_size,):
+            raise ValueError(f"xs must be [T, B, input_size] = [T, B, {model.input_size}], "
+                             f"got shape {xs.shape}")
+        dtype = params["rnn.weight_hh_l0"].dtype
+        expected = jax.eval_shape(partial(model.initial_carry, batch, dtype))
         if jax.tree.structure(expected) != jax.tree.structure(state) or \
                 _describe(state) != _describe(expected):
-            raise ValueError(f"carry must match the model for batch size {batch}: expected "
-                             f"shapes {_describe(expected)}, got {_describe(state)}")
+            raise ValueError(f"carry must match the model and batch size {batch}: expected "
+                             f"{_describe(expected)}, got {_describe(state)}")
     try:
-        out_state, _ = jax.eval_shape(partial(_run_model, apply_fn), params, state, xs[:1], None)
+        out_state, preds = jax.eval_shape(partial(_run_model, apply_fn), params, state, xs[:1],
+                                          None)
     except Exception as error:  # the trace of a user's apply_fn may fail in any way
-        raise ValueError(f"carry of shapes {_describe(state)} does not fit apply_fn with xs of "
-                         f"shape {xs.shape}: {error}") from error
-    if _describe(out_state) != _describe(state):
+        raise ValueError(f"apply_fn fails on the carry {_describe(state)} and xs of shape "
+                         f"{xs.shape}: {error}") from error
+    if jax.tree.structure(out_state) != jax.tree.structure(state) or \
+            _describe(out_state) != _describe(state):
         raise ValueError(f"carry must keep its shapes through apply_fn for batch size {batch}: "
                          f"got {_describe(state)}, apply_fn returns {_describe(out_state)}")
+    try:
+        losses = jax.eval_shape(loss_fn, preds, ys[:1])
+    except Exception as error:  # a user's loss_fn may fail in any way
+        raise ValueError(f"ys of shape {ys.shape} does not fit loss_fn with the model's "
+                         f"predictions of shape [T, *{preds.shape[1:]}]: {error}") from error
+    if losses.shape != (1, batch):
+        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
+                         f"shape (1, {batch}) for one step, got {losses.shape}")
     _checked.add(signature)
 
 

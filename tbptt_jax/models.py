@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from tbptt.checks import check_int
+
 Array = jax.Array
 Params = dict[str, Array]
 Carry = Any  # Array h[L, B, H] (Elman, GRU) or tuple (h, c) of them (LSTM)
@@ -103,9 +105,7 @@ class RecurrentModel:
         if self.cell not in CELLS:
             raise ValueError(f"cell must be one of {tuple(CELLS)}, got {self.cell!r}")
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """The `state_dict()` keys and shapes of the matching torch model, in its order."""

@@ -18,14 +18,20 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from tbptt.schedule import REDUCTIONS, TAILS, Update, check_choice, check_k, plan
+from tbptt.checks import (
+    ON_NONFINITE,
+    REDUCTIONS,
+    TAILS,
+    check_choice,
+    check_k,
+    check_overlap,
+    nonfinite_cause,
+)
+from tbptt.schedule import Update, plan
 from tbptt_torch.models import Carry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OnUpdate = Callable[[int, torch.Tensor, nn.Module], None]
-
-ON_NONFINITE = ("raise", "skip")
-
 
 class OverlapCarry(NamedTuple):
     """What a stream carries from one call to the next when k2 > k1 (see `tbptt_jax`)."""
@@ -79,7 +85,7 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, update: 
 
 def _gradients_finite(model: nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def tbptt_train_step(
@@ -111,7 +117,8 @@ def tbptt_train_step(
       loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_torch.losses.mse`.
       k1, k2, reduction, tail, resets, on_nonfinite: as in `tbptt_jax.tbptt_train_step`.
         With on_nonfinite="raise", the updates before the failing one stay applied (the
-        model is trained in place); the failing one is not.
+        model is trained in place); the failing one is not. With "skip", a skipped update's
+        entry in `losses` is NaN, so `losses.isnan()` marks exactly the skipped updates.
       on_update: optional `f(update_index, loss, model)`, called after each update's
         optimizer step; the update's gradients are still in `p.grad`.
 
@@ -148,12 +155,14 @@ def tbptt_train_step(
         # A non-finite loss or gradient never reaches the parameters or the optimizer state.
         if torch.isfinite(loss) and _gradients_finite(model):
             optimizer.step()
+            losses.append(loss.detach())
         elif on_nonfinite == "raise":
             raise NonFiniteLossError(
-                f"update {update.index} of this call has a non-finite loss ({loss.item()}) or "
-                "gradient; it was not applied (the updates before it were). Pass "
-                "on_nonfinite='skip' to skip such updates instead.")
-        losses.append(loss.detach())
+                f"update {update.index} of this call has {nonfinite_cause(loss.item())}; it "
+                "was not applied (the updates before it were). Pass on_nonfinite='skip' to "
+                "skip such updates instead.")
+        else:
+            losses.append(torch.full_like(loss, torch.nan).detach())
         if on_update is not None:
             on_update(update.index, loss.detach(), model)
 
@@ -173,7 +182,10 @@ def tbptt_train_step(
 
 
 def _shapes(carry: Carry) -> Any:
-    return tuple(tuple(p.shape) for p in carry) if isinstance(carry, tuple) else tuple(carry.shape)
+    """Shapes and dtypes of a carry's tensors, for error messages."""
+    def describe(part: torch.Tensor) -> str:
+        return f"{str(part.dtype).removeprefix('torch.')}{list(part.shape)}"
+    return tuple(map(describe, carry)) if isinstance(carry, tuple) else describe(carry)
 
 
 def _check_sequences(xs: torch.Tensor, ys: torch.Tensor, resets: torch.Tensor | None) -> None:
@@ -186,6 +198,9 @@ def _check_sequences(xs: torch.Tensor, ys: torch.Tensor, resets: torch.Tensor | 
     if xs.shape[:2] != ys.shape[:2]:
         raise ValueError(f"ys must have the [T, B] of xs, expected {tuple(xs.shape[:2])}, "
                          f"got {tuple(ys.shape[:2])}")
+    if resets is not None and not isinstance(resets, torch.Tensor):
+        raise ValueError(f"resets must be a bool torch.Tensor of shape [T, B] = "
+                         f"{tuple(xs.shape[:2])}, got {type(resets).__name__}")
     if resets is not None and (tuple(resets.shape) != tuple(xs.shape[:2])
                                or resets.dtype != torch.bool):
         raise ValueError(f"resets must be bool of shape [T, B] = {tuple(xs.shape[:2])}, got "
@@ -198,12 +213,12 @@ def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: in
     history_xs, history_resets = xs[:0], None
     if isinstance(carry, OverlapCarry):
         carry, history_xs, history_resets = carry
-        if history_xs.shape[0] > k2 - k1:
-            raise ValueError(f"carry: an OverlapCarry holds at most k2 - k1 = {k2 - k1} steps, "
-                             f"got {history_xs.shape[0]} (was it made with other k1, k2?)")
-        if history_xs.shape[1:] != xs.shape[1:]:
-            raise ValueError(f"carry: the OverlapCarry's inputs must be [n, "
-                             f"*{tuple(xs.shape[1:])}] like xs, got {tuple(history_xs.shape)}")
+        check_overlap(history_xs.shape,
+                      None if history_resets is None else history_resets.shape, xs.shape, k1, k2)
+    rnn = getattr(model, "rnn", None)
+    if isinstance(rnn, nn.RNNBase) and tuple(xs.shape[2:]) != (rnn.input_size,):
+        raise ValueError(f"xs must be [T, B, input_size] = [T, B, {rnn.input_size}], got shape "
+                         f"{tuple(xs.shape)}")
     initial_carry = getattr(model, "initial_carry", None)
     if initial_carry is None and carry is None:
         raise ValueError("carry: None means the model's zero carry, but the model has no "
@@ -214,6 +229,6 @@ def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: in
             carry = expected
         elif (isinstance(carry, tuple) != isinstance(expected, tuple)
               or _shapes(carry) != _shapes(expected)):
-            raise ValueError(f"carry must match the model for batch size {xs.shape[1]}: "
-                             f"expected shapes {_shapes(expected)}, got {_shapes(carry)}")
+            raise ValueError(f"carry must match the model and batch size {xs.shape[1]}: "
+                             f"expected {_shapes(expected)}, got {_shapes(carry)}")
     return carry, history_xs, history_resets

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tbptt.checks import check_int
+
 Carry = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # h[L, B, H] or (h, c)
 
 
@@ -33,8 +35,7 @@ class RecurrentModel(nn.Module):
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("output_size", output_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value)
         self.rnn = self.rnn_type(input_size, hidden_size, num_layers)
         self.head = nn.Linear(hidden_size, output_size)
 

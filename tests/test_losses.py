@@ -1,0 +1,96 @@
+"""Per-term losses `[T, B]`: `tbptt_jax.losses` against `tbptt_torch.losses` and torch.nn.
+
+Each framework's `mse` and `cross_entropy` must give the same per-term losses, and their
+mean must be `nn.MSELoss()` / `nn.CrossEntropyLoss()` (what Ignite's trainer computes);
+their sum with one feature is the hand loop's summed squared error (SPEC §0). Mismatched
+shapes raise a `ValueError` stating both shapes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tbptt_jax import losses as jax_losses
+from tbptt_torch import losses as torch_losses
+
+EXACT = {"rtol": 1e-12, "atol": 1e-14}
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 1), (5, 3, 4), (5, 3, 2, 3)])
+def test_mse_matches_across_frameworks_and_nn_mse_loss(shape):
+    rng = np.random.default_rng(0)
+    preds, targets = rng.normal(size=shape), rng.normal(size=shape)
+    expected = ((preds - targets) ** 2).reshape(5, 3, -1).mean(axis=-1)
+
+    jax_terms = np.asarray(jax_losses.mse(jnp.asarray(preds), jnp.asarray(targets)))
+    torch_terms = torch_losses.mse(torch.tensor(preds), torch.tensor(targets)).numpy()
+    assert jax_terms.shape == torch_terms.shape == (5, 3)
+    np.testing.assert_allclose(jax_terms, expected, **EXACT)
+    np.testing.assert_allclose(torch_terms, expected, **EXACT)
+
+    reference = nn.MSELoss()(torch.tensor(preds), torch.tensor(targets)).item()
+    np.testing.assert_allclose(jax_terms.mean(), reference, **EXACT)
+    np.testing.assert_allclose(torch_terms.mean(), reference, **EXACT)
+
+
+def test_mse_summed_with_one_feature_is_the_hand_loops_squared_error():
+    rng = np.random.default_rng(1)
+    preds, targets = rng.normal(size=(4, 2, 1)), rng.normal(size=(4, 2, 1))
+    hand_loop = sum(float(((preds[i] - targets[i]) ** 2).sum()) for i in range(4))
+    jax_sum = float(jnp.sum(jax_losses.mse(jnp.asarray(preds), jnp.asarray(targets))))
+    torch_sum = float(torch_losses.mse(torch.tensor(preds), torch.tensor(targets)).sum())
+    np.testing.assert_allclose([jax_sum, torch_sum], [hand_loop, hand_loop], **EXACT)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32])
+def test_cross_entropy_matches_across_frameworks_and_nn_cross_entropy_loss(label_dtype):
+    rng = np.random.default_rng(2)
+    logits = 3 * rng.normal(size=(6, 4, 5))
+    labels = rng.integers(0, 5, size=(6, 4)).astype(label_dtype)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, labels[..., None].astype(np.int64), -1)[..., 0]
+
+    jax_terms = np.asarray(jax_losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+    torch_terms = torch_losses.cross_entropy(torch.tensor(logits), torch.tensor(labels)).numpy()
+    assert jax_terms.shape == torch_terms.shape == (6, 4)
+    np.testing.assert_allclose(jax_terms, expected, **EXACT)
+    np.testing.assert_allclose(torch_terms, expected, **EXACT)
+
+    reference = nn.CrossEntropyLoss()(torch.tensor(logits).reshape(-1, 5),
+                                      torch.tensor(labels).reshape(-1).long()).item()
+    np.testing.assert_allclose(jax_terms.mean(), reference, **EXACT)
+    np.testing.assert_allclose(torch_terms.mean(), reference, **EXACT)
+
+
+def test_cross_entropy_is_stable_for_large_logits():
+    logits = np.array([[[1000.0, 0.0, -1000.0]]])
+    labels = np.array([[1]])
+    jax_terms = np.asarray(jax_losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+    torch_terms = torch_losses.cross_entropy(torch.tensor(logits), torch.tensor(labels)).numpy()
+    np.testing.assert_allclose(jax_terms, [[1000.0]], **EXACT)
+    np.testing.assert_allclose(torch_terms, [[1000.0]], **EXACT)
+
+
+def test_mse_rejects_mismatched_shapes_in_both_frameworks():
+    message = re.escape("mse: preds and targets must have one shape, got (5, 3, 2) and (5, 3, 1)")
+    with pytest.raises(ValueError, match=message):
+        jax_losses.mse(jnp.zeros((5, 3, 2)), jnp.zeros((5, 3, 1)))
+    with pytest.raises(ValueError, match=message):
+        torch_losses.mse(torch.zeros(5, 3, 2), torch.zeros(5, 3, 1))
+
+
+@pytest.mark.parametrize("labels_shape", [(5, 3, 4), (5, 2), (5, 3, 1)])
+def test_cross_entropy_rejects_labels_not_shaped_as_the_logits_without_classes(labels_shape):
+    message = re.escape("cross_entropy: labels must have shape (5, 3) (the logits' without "
+                        f"the class axis), got {labels_shape}")
+    with pytest.raises(ValueError, match=message):
+        jax_losses.cross_entropy(jnp.zeros((5, 3, 4)), jnp.zeros(labels_shape, jnp.int32))
+    with pytest.raises(ValueError, match=message):
+        torch_losses.cross_entropy(torch.zeros(5, 3, 4), torch.zeros(labels_shape).long())
