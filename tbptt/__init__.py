@@ -10,7 +10,7 @@ from tbptt.checks import (
     check_k,
     check_overlap,
 )
-from tbptt.schedule import Schedule, Update, plan
+from tbptt.schedule import Schedule, Update, plan, run_window
 
 __all__ = ["ON_NONFINITE", "REDUCTIONS", "TAILS", "Schedule", "Update", "check_choice",
-           "check_int", "check_k", "check_overlap", "plan"]
+           "check_int", "check_k", "check_overlap", "plan", "run_window"]

@@ -16,9 +16,14 @@ the carry handed to update u+1 is the state its forward reached at s_{u+1}.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tbptt.checks import TAILS, check_choice, check_int, check_k
+
+C = TypeVar("C")  # a framework's carry
+P = TypeVar("P")  # a framework's array of predictions
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,30 @@ class Schedule:
             else:
                 runs.append([update])
         return tuple(tuple(run) for run in runs)
+
+
+def run_window(run: Callable[[C, int, int], tuple[C, P]], start_carry: C,
+               shape: tuple[int, int, int], concatenate: Callable[[list[P]], P]) -> tuple[C, P]:
+    """Runs the model over one update's window, in either framework.
+
+    `run(carry, lo, hi) -> (carry, preds)` runs the steps `[lo, hi)` of the window. The
+    window is split at the hand-off, so the carry there can be handed to the next update.
+
+    Returns:
+      `(handoff_carry, preds)`: the carry reached at the hand-off and the predictions of the
+      loss steps only (the overlap's outputs are only a gradient path and carry no loss).
+    """
+    length, overlap, handoff = shape
+    if handoff == 0:
+        handoff_carry = start_carry
+        _, preds = run(start_carry, 0, length)
+    elif handoff == length:
+        handoff_carry, preds = run(start_carry, 0, length)
+    else:
+        handoff_carry, preds_before = run(start_carry, 0, handoff)
+        _, preds_after = run(handoff_carry, handoff, length)
+        preds = concatenate([preds_before, preds_after])
+    return handoff_carry, preds[overlap:]  # type: ignore[index]
 
 
 def number_of_updates(length: int, k1: int, tail: str) -> int:

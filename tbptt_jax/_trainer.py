@@ -32,7 +32,7 @@ from tbptt.checks import (
     check_overlap,
     nonfinite_cause,
 )
-from tbptt.schedule import Schedule, Update, plan
+from tbptt.schedule import Schedule, Update, plan, run_window
 from tbptt_jax.models import RecurrentModel
 
 Array = jax.Array
@@ -75,7 +75,6 @@ def _run_model(apply_fn: ApplyFn, params: Params, carry: Carry, xs: Array,
 def _window_loss(params, start_carry, window_xs, window_resets, targets, *, shape,
                  apply_fn, loss_fn, reduction):
     """The loss of one update and the carry it hands on, as a function of the parameters."""
-    length, overlap, handoff = shape
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = jax.lax.stop_gradient(start_carry)
 
@@ -83,17 +82,8 @@ def _window_loss(params, start_carry, window_xs, window_resets, targets, *, shap
         resets = None if window_resets is None else window_resets[lo:hi]
         return _run_model(apply_fn, params, carry, window_xs[lo:hi], resets)
 
-    if handoff == 0:
-        handoff_carry = start_carry
-        _, preds = run(start_carry, 0, length)
-    elif handoff == length:
-        handoff_carry, preds = run(start_carry, 0, length)
-    else:
-        handoff_carry, preds_before = run(start_carry, 0, handoff)
-        _, preds_after = run(handoff_carry, handoff, length)
-        preds = jnp.concatenate([preds_before, preds_after])
-    # Overlap steps are only a gradient path: their outputs carry no loss.
-    losses = loss_fn(preds[overlap:], targets)
+    handoff_carry, preds = run_window(run, start_carry, shape, jnp.concatenate)
+    losses = loss_fn(preds, targets)
     loss = jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
     return loss, handoff_carry
 

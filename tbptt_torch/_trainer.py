@@ -27,7 +27,7 @@ from tbptt.checks import (
     check_overlap,
     nonfinite_cause,
 )
-from tbptt.schedule import Update, plan
+from tbptt.schedule import Update, plan, run_window
 from tbptt_torch.models import Carry
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,7 +60,6 @@ def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
 def _window_loss(model, start_carry, window_xs, window_resets, targets, update: Update,
                  loss_fn, reduction) -> tuple[torch.Tensor, Carry]:
     """The loss of one update and the carry it hands on."""
-    length, overlap, handoff = update.shape
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = _detach(start_carry)
 
@@ -68,17 +67,8 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, update: 
         resets = None if window_resets is None else window_resets[lo:hi]
         return _run_model(model, carry, window_xs[lo:hi], resets)
 
-    if handoff == 0:
-        handoff_carry = start_carry
-        _, preds = run(start_carry, 0, length)
-    elif handoff == length:
-        handoff_carry, preds = run(start_carry, 0, length)
-    else:
-        handoff_carry, preds_before = run(start_carry, 0, handoff)
-        _, preds_after = run(handoff_carry, handoff, length)
-        preds = torch.cat([preds_before, preds_after])
-    # Overlap steps are only a gradient path: their outputs carry no loss.
-    losses = loss_fn(preds[overlap:], targets)
+    handoff_carry, preds = run_window(run, start_carry, update.shape, torch.cat)
+    losses = loss_fn(preds, targets)
     loss = losses.mean() if reduction == "mean" else losses.sum()
     return loss, _detach(handoff_carry)
 
