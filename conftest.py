@@ -11,3 +11,10 @@ if importlib.util.find_spec("jax") is not None:
 
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_numpy_rank_promotion", "raise")
+
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    # pytest -n 2 runs two workers on two cores: a second torch thread per worker only
+    # oversubscribes the cores (measured: a 3 s job took 246 s on a busy 2-core machine).
+    torch.set_num_threads(1)

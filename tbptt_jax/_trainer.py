@@ -183,7 +183,7 @@ def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets,
 def tbptt_train_step(
     params: Params,
     opt_state: optax.OptState,
-    carry: Carry | OverlapCarry,
+    carry: Carry | OverlapCarry | None,
     xs: Array,
     ys: Array,
     *,
@@ -203,8 +203,9 @@ def tbptt_train_step(
     Args:
       params: the model's parameters (for `tbptt_jax.models`, a flat dict as torch names it).
       opt_state: `optimizer.init(params)` or the state a previous call returned.
-      carry: the state before the first step, e.g. `model.initial_carry(B)`; or the carry a
-        previous call returned, to continue the same stream (an `OverlapCarry` if k2 > k1).
+      carry: the state before the first step, e.g. `model.initial_carry(B)` (None means
+        that zero carry, for a `tbptt_jax.models` model); or the carry a previous call
+        returned, to continue the same stream (an `OverlapCarry` if k2 > k1).
       xs: inputs, time-major `[T, B, ...]`.
       ys: targets, `[T, B, ...]` with the same T and B.
       apply_fn: `(params, carry, xs[, resets]) -> (carry, preds)` over a time-major chunk.
@@ -237,7 +238,7 @@ def tbptt_train_step(
     xs, ys = jnp.asarray(xs), jnp.asarray(ys)
     resets = None if resets is None else jnp.asarray(resets)
     _check_sequences(xs, ys, resets)
-    state, history_xs, history_resets = _split_carry(carry, xs, k1, k2)
+    state, history_xs, history_resets = _split_carry(carry, xs, k1, k2, apply_fn, params)
     _check_model_inputs(apply_fn, loss_fn, params, state, xs, ys)
     schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
     if resets is not None or history_resets is not None:
@@ -281,8 +282,16 @@ def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
                          f"{resets.dtype} of shape {resets.shape}")
 
 
-def _split_carry(carry: Any, xs: Array, k1: int, k2: int) -> tuple[Carry, Array, Array | None]:
+def _split_carry(carry: Any, xs: Array, k1: int, k2: int, apply_fn: ApplyFn, params: Params
+                 ) -> tuple[Carry, Array, Array | None]:
     """(model state, overlap inputs, overlap resets) from what the caller passed."""
+    if carry is None:
+        model = getattr(apply_fn, "__self__", None)
+        if not isinstance(model, RecurrentModel):
+            raise ValueError("carry: None means the model's zero carry, but apply_fn is not the "
+                             "apply of a tbptt_jax.models model; pass the carry explicitly")
+        _check_params(model.param_shapes(), params)
+        carry = model.initial_carry(xs.shape[1], params["rnn.weight_hh_l0"].dtype)
     if not isinstance(carry, OverlapCarry):
         return carry, jnp.zeros((0, *xs.shape[1:]), xs.dtype), None
     history_xs = jnp.asarray(carry.xs)

@@ -307,3 +307,21 @@ def test_torch_resets_must_be_a_tensor():
             "resets must be a bool torch.Tensor of shape [T, B] = (5, 2), got ndarray")):
         trainer.call(resets=np.zeros((STEPS, BATCH), bool))
     trainer.assert_unchanged()
+
+
+def test_a_none_carry_is_the_zero_carry_in_both_frameworks():
+    """carry=None starts from the model's zero carry, in JAX as in torch."""
+    trainer = JaxTrainer()
+    explicit = trainer.call()
+    implicit = trainer.call(carry=None)
+    np.testing.assert_array_equal(np.asarray(implicit[3]["loss"]), np.asarray(explicit[3]["loss"]))
+
+
+def test_jax_none_carry_needs_a_model_that_knows_its_zero_carry():
+    trainer = JaxTrainer()
+    with pytest.raises(ValueError, match=re.escape(
+            "carry: None means the model's zero carry, but apply_fn is not the apply of a "
+            "tbptt_jax.models model; pass the carry explicitly")):
+        trainer.call(carry=None, apply_fn=lambda params, carry, xs: trainer.model.apply(
+            params, carry, xs))
+    trainer.assert_unchanged()
