@@ -41,12 +41,32 @@ def _case_id(cell, num_layers, k1, k2, reduction, tail, resets, optimizer):
                      "resets" if resets else "no-resets", optimizer])
 
 
-MATRIX = [
-    pytest.param(cell, num_layers, k1, k2, *rest, id=_case_id(cell, num_layers, k1, k2, *rest))
-    for cell, num_layers, (k1, k2), *rest in itertools.product(
-        CELLS, (1, 2), ((4, 4), (4, 7)), ("mean", "sum"), ("partial", "drop"),
-        (False, True), OPTIMIZERS)
-]
+SETTINGS = (((4, 4), (4, 7)), ("mean", "sum"), ("partial", "drop"), (False, True),
+            tuple(OPTIMIZERS))
+# Six rows of (ks, reduction, tail, resets, optimizer) choices in which every pair of
+# settings meets (a strength-2 covering array, checked by `test_default_rows_cover_all_pairs`).
+# Each cell and depth runs these by default; the other 26 of the 32 are marked slow
+# (`pytest -m slow`), since every case costs a JAX compile of about 5 s.
+DEFAULT_ROWS = ((0, 0, 0, 0, 0), (0, 1, 1, 1, 1), (1, 0, 1, 1, 0), (1, 1, 0, 1, 1),
+                (1, 1, 1, 0, 0), (0, 0, 1, 0, 1))
+
+
+def _matrix_case(cell, num_layers, row):
+    (k1, k2), *rest = (choices[index] for choices, index in zip(SETTINGS, row, strict=True))
+    marks = () if row in DEFAULT_ROWS else (pytest.mark.slow,)
+    return pytest.param(cell, num_layers, k1, k2, *rest, marks=marks,
+                        id=_case_id(cell, num_layers, k1, k2, *rest))
+
+
+MATRIX = [_matrix_case(cell, num_layers, row)
+          for cell, num_layers in itertools.product(CELLS, (1, 2))
+          for row in itertools.product(*(range(len(choices)) for choices in SETTINGS))]
+
+
+def test_default_rows_cover_all_pairs():
+    """Every pair of settings of the five binary axes meets in some default row."""
+    for i, j in itertools.combinations(range(len(SETTINGS)), 2):
+        assert {(row[i], row[j]) for row in DEFAULT_ROWS} == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 LONG_OVERLAP = [
     pytest.param(cell, num_layers, 2, 7, "sum", tail, True, "adam",
