@@ -5,8 +5,8 @@ update schedule (`tbptt.plan`) as a static argument. `_train` reads as SPEC §1:
 starts from the carry at its window start as a constant (`stop_gradient`), runs the model
 over its window with the current parameters, reduces the loss over the steps it owns,
 differentiates, applies the optax update, and hands on the carry its forward reached at
-the next window's start. Updates with the same window shape run as one `lax.scan`; the few
-that differ (windows clipped at step 0, a partial last chunk) are traced on their own.
+the next window's start. Each run of consecutive updates with one window shape is one
+`lax.scan`; windows clipped at step 0 and a partial last chunk are runs of their own.
 
 With k2 > k1 the next call of a stream must recompute the overlap, so the carry returned
 is an `OverlapCarry`: the state at the start of the overlap plus the overlap's inputs.
@@ -32,7 +32,7 @@ from tbptt.checks import (
     check_overlap,
     nonfinite_cause,
 )
-from tbptt.schedule import Schedule, Update, plan, run_window
+from tbptt.schedule import Schedule, plan, run_window
 from tbptt_jax.models import RecurrentModel
 
 Array = jax.Array
@@ -118,13 +118,6 @@ def _window(ext_xs, ext_resets, ys, history, update_start, loss_start, shape):
     return window_xs, window_resets, targets
 
 
-def _stack(records: list[_Record], length_of: list[int]) -> _Record:
-    """Joins single records and scanned (stacked) ones into one record per update."""
-    leading = [jax.tree.map(lambda leaf: leaf[None], r) if n == 0 else r
-               for r, n in zip(records, length_of, strict=True)]
-    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *leading)
-
-
 @partial(jax.jit, static_argnames=("schedule", "apply_fn", "loss_fn", "optimizer",
                                    "reduction", "trace"))
 def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets, *,
@@ -136,29 +129,19 @@ def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets,
     step = partial(_update, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer,
                    reduction=reduction, trace=trace)
 
-    records, scanned_lengths = [], []
+    records = []
     for run in schedule.runs():
-        shape = run[0].shape
-        if len(run) == 1:
-            update: Update = run[0]
-            window = _window(ext_xs, ext_resets, ys, schedule.history, update.window_start,
-                             update.loss_start, shape)
+        def scanned(loop, starts, shape=run[0].shape):
+            params, opt_state, state = loop
+            window = _window(ext_xs, ext_resets, ys, schedule.history, *starts, shape)
             params, opt_state, state, record = step(params, opt_state, state, *window,
                                                     shape=shape)
-            scanned_lengths.append(0)
-        else:
-            def scanned(loop, starts, shape=shape):
-                params, opt_state, state = loop
-                window = _window(ext_xs, ext_resets, ys, schedule.history, *starts, shape)
-                params, opt_state, state, record = step(params, opt_state, state, *window,
-                                                        shape=shape)
-                return (params, opt_state, state), record
+            return (params, opt_state, state), record
 
-            starts = (jnp.array([u.window_start for u in run]),
-                      jnp.array([u.loss_start for u in run]))
-            (params, opt_state, state), record = jax.lax.scan(
-                scanned, (params, opt_state, state), starts)
-            scanned_lengths.append(len(run))
+        starts = (jnp.array([u.window_start for u in run]),
+                  jnp.array([u.loss_start for u in run]))
+        (params, opt_state, state), record = jax.lax.scan(
+            scanned, (params, opt_state, state), starts)
         records.append(record)
 
     # tail="drop": the untrained remainder still advances the carry, with the final params.
@@ -169,7 +152,7 @@ def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets,
             None if ext_resets is None else ext_resets[advance_from:advance_to])
 
     if records:
-        record = _stack(records, scanned_lengths)
+        record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)
         metrics = {"loss": record.loss, "skipped": record.skipped}
         if trace:
             metrics["grads"], metrics["params"] = record.grads, record.params
