@@ -12,6 +12,8 @@ overlap and the overlap's inputs, which the next call of the stream recomputes.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -93,6 +95,7 @@ def tbptt_train_step(
     resets: torch.Tensor | None = None,
     on_nonfinite: str = "raise",
     on_update: OnUpdate | None = None,
+    clip_grad_norm: float | None = None,
 ) -> tuple[Carry | OverlapCarry, torch.Tensor]:
     """Trains `model` in place on one sequence with TBPTT(k1, k2).
 
@@ -110,7 +113,17 @@ def tbptt_train_step(
         model is trained in place); the failing one is not. With "skip", a skipped update's
         entry in `losses` is NaN, so `losses.isnan()` marks exactly the skipped updates.
       on_update: optional `f(update_index, loss, model)`, called after each update's
-        optimizer step; the update's gradients are still in `p.grad`.
+        optimizer step; the update's gradients are still in `p.grad` (clipped, if
+        `clip_grad_norm` clipped them). To step an LR scheduler once per update, as optax
+        advances a schedule, call `scheduler.step()` here or from
+        `optimizer.register_step_post_hook` (which, unlike this, skips skipped updates,
+        as optax's step count does).
+      clip_grad_norm: a max norm (float > 0), or None for no clipping: each update's
+        gradients are clipped with `torch.nn.utils.clip_grad_norm_(model.parameters(),
+        clip_grad_norm)` after backward and before the optimizer step, i.e. scaled by
+        `min(clip_grad_norm / (norm + 1e-6), 1)` with `norm` their global L2 norm. The
+        exact JAX twin is `tbptt_jax.optim.clip_by_global_norm_torch`; plain
+        `optax.clip_by_global_norm` divides by `norm` (docs/optimizers.md).
 
     Returns:
       `(carry, losses)`: the carry to continue the stream with, and the `[U]` losses.
@@ -119,6 +132,7 @@ def tbptt_train_step(
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("tail", tail, TAILS)
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    _check_clip_grad_norm(clip_grad_norm)
     _check_sequences(xs, ys, resets)
     state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
     schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
@@ -144,6 +158,8 @@ def tbptt_train_step(
         loss.backward()
         # A non-finite loss or gradient never reaches the parameters or the optimizer state.
         if torch.isfinite(loss) and _gradients_finite(model):
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             losses.append(loss.detach())
         elif on_nonfinite == "raise":
@@ -169,6 +185,15 @@ def tbptt_train_step(
     tail_steps = slice(schedule.final_carry_at, None)
     return OverlapCarry(state, ext_xs[tail_steps],
                         None if ext_resets is None else ext_resets[tail_steps]), losses_out
+
+
+def _check_clip_grad_norm(clip_grad_norm: object) -> None:
+    if clip_grad_norm is None:
+        return
+    if (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, numbers.Real)
+            or not math.isfinite(clip_grad_norm) or clip_grad_norm <= 0):
+        raise ValueError(f"clip_grad_norm must be a finite float > 0 (the max norm) or None, "
+                         f"got {clip_grad_norm!r}")
 
 
 def _shapes(carry: Carry) -> Any:
