@@ -114,11 +114,15 @@ def random_sequences(length: int, batch_size: int, input_size: int, output_size:
     return xs.astype(dtype), ys.astype(dtype), resets
 
 
+# The optimizers `optimizer_pair` builds in both frameworks, with their options' defaults.
+OPTIMIZERS: dict[str, dict[str, float]] = {
+    "sgd": {}, "nesterov": {"momentum": 0.9}, "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}
+
+
 def optimizer_pair(name: str, learning_rate: float, **options: float) -> OptimizerPair:
     """Matching optax and torch optimizers: "sgd"; "nesterov" (SGD with `momentum`, default
     0.9, and Nesterov's correction); "adam" (`b1`, `b2`, `eps` as optax names them)."""
-    defaults = {"sgd": {}, "nesterov": {"momentum": 0.9},
-                "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8}}
+    defaults = OPTIMIZERS
     if name not in defaults:
         raise ValueError(f"optimizer must be one of {tuple(defaults)}, got {name!r}")
     unknown = set(options) - set(defaults[name])
