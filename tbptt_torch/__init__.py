@@ -3,9 +3,9 @@
 No jax import anywhere in this package; weights cross to JAX as numpy arrays.
 """
 
-from tbptt_torch import losses, models
+from tbptt_torch import checkpoint, losses, models
 from tbptt_torch._trainer import NonFiniteLossError, OverlapCarry, tbptt_train_step
 from tbptt_torch.convert import load_jax, to_jax
 
-__all__ = ["NonFiniteLossError", "OverlapCarry", "load_jax", "losses", "models",
+__all__ = ["NonFiniteLossError", "OverlapCarry", "checkpoint", "load_jax", "losses", "models",
            "tbptt_train_step", "to_jax"]
