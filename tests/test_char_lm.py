@@ -1,13 +1,13 @@
-"""The main job (`examples/char_lm.py`), run small: the data it builds, and both frameworks
-training the same model from the same weights, agreeing and learning."""
+"""The main job (`tbptt train`, also `examples/char_lm.py`), run small: the data it builds,
+and both frameworks training the same model from the same weights, agreeing and learning."""
 
 import numpy as np
 import pytest
 import torch
 
-import tbptt_jax
-import tbptt_torch
-from examples import char_lm
+from examples import char_lm as script
+from tbptt import text
+from tbptt_parity import char_lm
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +21,8 @@ def one_torch_thread():
 
 
 def test_streams_are_contiguous_slices_of_the_text_time_major():
-    codes = char_lm.encode(char_lm.load_corpus(3 * 11).text)
-    inputs, targets = char_lm.make_streams(codes, batch_size=3, steps=10)
+    codes = text.encode(text.load_corpus(3 * 11).text)
+    inputs, targets = text.make_streams(codes, batch_size=3, steps=10)
     assert inputs.shape == targets.shape == (10, 3)
     for b in range(3):
         np.testing.assert_array_equal(inputs[:, b], codes[b * 11:b * 11 + 10])
@@ -30,36 +30,51 @@ def test_streams_are_contiguous_slices_of_the_text_time_major():
 
 
 def test_characters_outside_printable_ascii_share_one_code():
-    codes = char_lm.encode("a\tb\u00e9\n")
-    assert codes.tolist() == [char_lm.CODES["a"], char_lm.OTHER, char_lm.CODES["b"],
-                              char_lm.OTHER, char_lm.CODES["\n"]]
-    assert char_lm.decode(codes) == f"a{char_lm.OTHER_SHOWN_AS}b{char_lm.OTHER_SHOWN_AS}\n"
+    codes = text.encode("a\tb\u00e9\n")
+    assert codes.tolist() == [text.CODES["a"], text.OTHER, text.CODES["b"], text.OTHER,
+                              text.CODES["\n"]]
+    assert text.decode(codes) == f"a{text.OTHER_SHOWN_AS}b{text.OTHER_SHOWN_AS}\n"
+
+
+def test_a_text_file_of_ones_own_is_read_whole_or_cut(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("h\u00e9llo\nworld\n", encoding="utf-8")
+    assert text.read_corpus(path).text == "h\u00e9llo\nworld\n"
+    assert text.read_corpus(path, 4).text == "h\u00e9ll"
+    assert text.read_corpus(path).name() == "notes.txt"
+    with pytest.raises(ValueError, match="holds 12 characters, fewer than the 13 asked for"):
+        text.read_corpus(path, 13)
+    with pytest.raises(ValueError, match="--text must name a file"):
+        text.read_corpus(tmp_path / "missing.txt")
 
 
 def test_jax_and_torch_streams_train_the_same_model_and_learn():
     batch, steps, k1, k2 = 4, 200, 10, 15
-    codes = char_lm.encode(char_lm.load_corpus(batch * (steps + 1)).text)
-    inputs, targets = char_lm.make_streams(codes, batch, steps)
-    torch.manual_seed(0)
-    torch_model = tbptt_torch.models.LSTMModel(char_lm.VOCAB_SIZE, 16, char_lm.VOCAB_SIZE)
-    jax_model = tbptt_jax.models.lstm(char_lm.VOCAB_SIZE, 16, char_lm.VOCAB_SIZE)
+    codes = text.encode(text.load_corpus(batch * (steps + 1)).text)
+    inputs, targets = text.make_streams(codes, batch, steps)
+    models = char_lm.build_models("lstm", 16, 1, seed=0)
     # Four calls of 50 steps each: the OverlapCarry (k2 > k1) travels between them.
     train = dict(k1=k1, k2=k2, segment_length=50, lr=1e-2)
+    reported = []
 
-    _, jax_run = char_lm.train_jax(jax_model, tbptt_torch.to_jax(torch_model), inputs,
-                                   targets, **train)
-    torch_run = char_lm.train_torch(torch_model, inputs, targets, **train)
+    _, jax_run = char_lm.train_jax(models.jax_model, models.params, inputs, targets,
+                                   on_call=lambda done, loss: reported.append((done, loss)),
+                                   **train)
+    torch_run = char_lm.train_torch(models.torch_model, inputs, targets, **train)
 
     assert jax_run.losses.shape == torch_run.losses.shape == (steps // k1,)
     assert len(jax_run.seconds) == len(torch_run.seconds) == 4
+    assert reported == [(5 * (i + 1), float(jax_run.losses[5 * i + 4])) for i in range(4)]
     np.testing.assert_allclose(jax_run.losses, torch_run.losses, rtol=1e-5)
     assert jax_run.losses[-5:].mean() < jax_run.losses[:5].mean() - 0.5
 
 
-def test_main_runs_small_and_passes(capsys):
-    status = char_lm.main(["--hidden", "16", "--k1", "5", "--batch", "4", "--chars", "1000",
-                           "--updates-per-call", "4", "--lr", "1e-2", "--sample-length", "20"])
+def test_the_script_runs_small_and_passes(capsys):
+    status = script.main(["--hidden", "16", "--k1", "5", "--batch", "4", "--chars", "1000",
+                          "--updates-per-call", "4", "--lr", "1e-2", "--sample-length", "20"])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "jax loss" in out and "torch loss" in out and "bits/char" in out
+    assert "4 streams x 240 steps, vocabulary 97, 12 calls x 4 updates = 48 updates" in out
     assert "OK: the two frameworks trained the same model" in out
+    assert "wrote" not in out  # the script writes files only when given --out

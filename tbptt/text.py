@@ -1,0 +1,111 @@
+"""Text for the character-level language model of `tbptt train`, framework-free (numpy).
+
+The default corpus ships with Python: the public top-level modules of its standard library
+(`sysconfig.get_paths()["stdlib"]`) in sorted order, so nothing is downloaded and the data
+is the same on every run of a given Python; `read_corpus` takes a file of one's own
+instead. The alphabet is fixed: newline and the 95 printable ASCII characters, every other
+character (tabs, non-ASCII) sharing one more symbol, so any text encodes. The text is cut
+into B parallel contiguous streams and fed time-major, one-hot, to the next-character task.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+# Newline and the 95 printable ASCII characters; every other character is OTHER.
+ALPHABET = "\n" + "".join(chr(code) for code in range(32, 127))
+OTHER = len(ALPHABET)
+VOCAB_SIZE = len(ALPHABET) + 1
+CODES = {char: code for code, char in enumerate(ALPHABET)}
+OTHER_SHOWN_AS = "\N{REPLACEMENT CHARACTER}"
+
+
+class Corpus(NamedTuple):
+    text: str
+    files: list[Path]  # the files the text was read from, in order
+
+    def name(self) -> str:
+        """The file's name, or "the Python standard library"."""
+        return self.files[0].name if len(self.files) == 1 else "the Python standard library"
+
+    def describe(self) -> str:
+        """Where the text came from, in a few words."""
+        if len(self.files) == 1:
+            return str(self.files[0])
+        return (f"{len(self.files)} modules of {self.files[0].parent} ({self.files[0].name} .. "
+                f"{self.files[-1].name})")
+
+
+def load_corpus(num_chars: int) -> Corpus:
+    """The first `num_chars` characters of the standard library's public top-level modules,
+    concatenated in sorted file-name order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    pieces, files, length = [], [], 0
+    for path in sorted(stdlib.glob("[!_]*.py")):
+        if length >= num_chars:
+            break
+        pieces.append(path.read_text(encoding="utf-8"))
+        files.append(path)
+        length += len(pieces[-1])
+    if length < num_chars:
+        raise ValueError(f"the standard library at {stdlib} holds {length} characters of "
+                         f"source, fewer than the {num_chars} asked for")
+    return Corpus("".join(pieces)[:num_chars], files)
+
+
+def read_corpus(path: str | Path, num_chars: int | None = None) -> Corpus:
+    """The text of the file at `path` (UTF-8; undecodable bytes become OTHER), or its first
+    `num_chars` characters."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--text must name a file, got {str(path)!r}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if num_chars is not None:
+        if len(text) < num_chars:
+            raise ValueError(f"{path} holds {len(text)} characters, fewer than the "
+                             f"{num_chars} asked for")
+        text = text[:num_chars]
+    return Corpus(text, [path])
+
+
+def encode(text: str) -> np.ndarray:
+    """Character codes `[N]` (int32) of `text`."""
+    return np.array([CODES.get(char, OTHER) for char in text], dtype=np.int32)
+
+
+def decode(codes: Sequence[int]) -> str:
+    return "".join(ALPHABET[code] if code < OTHER else OTHER_SHOWN_AS for code in codes)
+
+
+def make_streams(codes: np.ndarray, batch_size: int, steps: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Cuts the text into `batch_size` contiguous streams, time-major.
+
+    Stream b is the text's b-th slice of `steps + 1` characters. Returns `(inputs,
+    targets)`, both character codes of shape `[steps, batch_size]`: the target of each
+    step is the input of the next.
+    """
+    needed = batch_size * (steps + 1)
+    if codes.shape[0] < needed:
+        raise ValueError(f"{batch_size} streams of {steps} steps need {needed} characters, "
+                         f"got {codes.shape[0]}")
+    streams = codes[:needed].reshape(batch_size, steps + 1).T
+    return streams[:-1], streams[1:]
+
+
+def one_hot(codes: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """`[...]` character codes -> `[..., VOCAB_SIZE]` one-hot vectors of `dtype`."""
+    return np.eye(VOCAB_SIZE, dtype=dtype)[codes]
+
+
+def segments(inputs: np.ndarray, targets: np.ndarray, length: int, dtype: Any = np.float32
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Consecutive `(xs[length, B, VOCAB_SIZE], ys[length, B])` pieces of the streams (the
+    last may be shorter)."""
+    for start in range(0, inputs.shape[0], length):
+        yield one_hot(inputs[start:start + length], dtype), targets[start:start + length]
