@@ -1,0 +1,110 @@
+"""The JAX training runs that the distributed tests compare across device counts.
+
+Each case trains an LSTM (a tuple carry, the general case) with Adam for 20 updates: a
+stream of four calls of 5 updates, so the carry (an `OverlapCarry` when k2 > k1) travels
+from one call to the next sharded as the trainer returned it, and the later calls must
+not compile. With k2 > k1 the stream starts as if restored mid-way, from an
+`OverlapCarry` holding its first k2 - k1 steps, so every call has the same shapes. The
+sequences have resets. `train` runs a case on one device (`mesh=None`, the reference) or
+data parallel on a mesh; the worker scripts run it in processes with several devices, the
+tests in the pytest process with one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tbptt_jax import OverlapCarry, losses, models, sharding, tbptt_train_step
+from tbptt_jax._trainer import _train
+
+BATCH = 8  # divisible by 4 devices and by 2 processes x 2 devices
+CALL_STEPS = (20, 20, 20, 20)
+INPUT, HIDDEN, OUTPUT = 3, 16, 2
+
+CASES: dict[str, dict[str, Any]] = {
+    "k2=k1,sum,float32": {"k1": 4, "k2": 4, "reduction": "sum", "dtype": "float32"},
+    "k2>k1,mean,float32": {"k1": 4, "k2": 7, "reduction": "mean", "dtype": "float32"},
+    "k2=k1,sum,float64": {"k1": 4, "k2": 4, "reduction": "sum", "dtype": "float64"},
+    "k2>k1,mean,float64": {"k1": 4, "k2": 7, "reduction": "mean", "dtype": "float64"},
+}
+
+
+def data(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xs `[T, B, I]`, ys `[T, B, O]` and resets `[T, B]` of the whole stream, T = 88."""
+    rng = np.random.default_rng(6)
+    steps = sum(CALL_STEPS) + 8
+    xs = rng.standard_normal((steps, BATCH, INPUT)).astype(dtype)
+    ys = np.tanh(xs[..., :OUTPUT] + np.roll(xs[..., :OUTPUT], 3, axis=0)).astype(dtype)
+    resets = rng.random((steps, BATCH)) < 0.04
+    resets[[1, 13, 30, 50, 70], [2, 1, 6, 0, 3]] = True  # some in the overlap and each call
+    return xs, ys, resets
+
+
+def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = False
+          ) -> dict[str, Any]:
+    """Trains one case; on `mesh` data parallel (each process feeding its rows if `local`).
+
+    Returns the losses of the 20 updates, the final parameters and the final carry (its
+    whole batch, gathered from every process), as numpy, and, on a mesh, what the
+    sharded run left where: the sharding specs of the outputs and the compile count.
+    """
+    config = CASES[case]
+    dtype = config["dtype"]
+    model = models.lstm(INPUT, HIDDEN, OUTPUT)
+    optimizer = optax.adam(1e-2)
+    params = model.init(jax.random.key(0), jnp.dtype(dtype))
+    opt_state = optimizer.init(params)
+    xs, ys, resets = data(dtype)
+    rows = sharding.process_rows(mesh, BATCH) if local else slice(None)
+    carry = jax.tree.map(lambda part: np.asarray(part)[:, rows],
+                         model.initial_carry(BATCH, jnp.dtype(dtype)))
+    overlap = config["k2"] - config["k1"]
+    if overlap:
+        carry = OverlapCarry(carry, xs[:overlap, rows], resets[:overlap, rows])
+        xs, ys, resets = xs[overlap:], ys[overlap:], resets[overlap:]
+    if mesh is not None:
+        params, opt_state, carry = sharding.shard_state(mesh, params, opt_state, carry,
+                                                        local=local)
+
+    step_losses, compiles = [], []
+    bounds = np.cumsum((0, *CALL_STEPS))
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        steps = slice(start, stop)
+        batch = xs[steps, rows], ys[steps, rows], resets[steps, rows]
+        if mesh is not None:
+            batch = sharding.shard_batch(mesh, *batch, local=local)
+        params, opt_state, carry, metrics = tbptt_train_step(
+            params, opt_state, carry, batch[0], batch[1], resets=batch[2],
+            apply_fn=model.apply, loss_fn=losses.mse, optimizer=optimizer, k1=config["k1"],
+            k2=config["k2"], reduction=config["reduction"])
+        step_losses.append(np.asarray(metrics["loss"]))
+        compiles.append(_train._cache_size())
+
+    state = getattr(carry, "state", carry)
+    result = {
+        "loss": np.concatenate(step_losses),
+        "params": {name: np.asarray(value) for name, value in params.items()},
+        "carry": [np.asarray(part) for part in _gather(state)],
+    }
+    if mesh is not None:
+        specs = {name: tuple(value.sharding.spec) for name, value in params.items()}
+        specs.update({f"opt_state.{i}": tuple(leaf.sharding.spec)
+                      for i, leaf in enumerate(jax.tree.leaves(opt_state))})
+        specs.update({f"carry.{i}": tuple(leaf.sharding.spec)
+                      for i, leaf in enumerate(jax.tree.leaves(carry))})
+        result["specs"] = specs
+        result["compiles"] = compiles
+    return result
+
+
+def _gather(tree: Any) -> Any:
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,0 +1,176 @@
+"""Data-parallel JAX TBPTT gives the losses, parameters and carry of one device.
+
+Each sharded run happens in a subprocess (`distributed/jax_worker.py`), since the number
+of CPU devices is fixed when jax is imported: 4 virtual devices in one process, and 2
+processes x 2 devices joined by `jax.distributed.initialize` over gloo on localhost, each
+feeding its own rows of the batch. The reference is the same stream trained in this
+process on one device with the whole batch (`distributed/jax_cases.py`): LSTM, Adam, 20
+updates, resets in every call, k2 = k1 and k2 > k1. Agreement is to 1e-5 (float32) and
+1e-10 (float64) relative to each tensor's largest magnitude, as in the parity tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from tbptt_jax import sharding
+
+HERE = Path(__file__).parent / "distributed"
+ROOT = Path(__file__).parent.parent
+WORKER_TIMEOUT_S = 240  # a run takes ~15 s; the rest is room for a loaded machine
+
+_spec = importlib.util.spec_from_file_location("jax_cases", HERE / "jax_cases.py")
+jax_cases = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(jax_cases)
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+SLOW = pytest.mark.slow
+FOUR_DEVICES = [
+    "k2=k1,sum,float64",
+    "k2>k1,mean,float32",
+    pytest.param("k2=k1,sum,float32", marks=SLOW),
+    pytest.param("k2>k1,mean,float64", marks=SLOW),
+]
+TWO_PROCESSES = [
+    "k2>k1,mean,float32",
+    pytest.param("k2=k1,sum,float64", marks=SLOW),
+    pytest.param("k2=k1,sum,float32", marks=SLOW),
+    pytest.param("k2>k1,mean,float64", marks=SLOW),
+]
+
+
+@functools.cache
+def reference(case: str) -> dict[str, Any]:
+    return jax_cases.train(case)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def run_workers(out: Path, case: str, *, devices: int, processes: int) -> list[dict[str, Any]]:
+    """Runs the worker in `processes` processes of `devices` CPU devices; their results."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)  # a forced device count there would override the worker's
+    port = free_port()
+    workers = []
+    for process in range(processes):
+        log = open(out / f"process{process}.log", "w")  # closed in the finally below
+        command = [sys.executable, str(HERE / "jax_worker.py"), str(out), "--devices",
+                   str(devices), "--cases", case, "--process-id", str(process),
+                   "--num-processes", str(processes), "--port", str(port)]
+        workers.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
+    failures = []
+    try:
+        for process, (worker, _) in enumerate(workers):
+            try:
+                code = worker.wait(timeout=WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = "timed out"
+            if code != 0:
+                failures.append(process)
+    finally:
+        for worker, log in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+            log.close()
+    if failures:
+        logs = "\n".join(f"--- process {process}:\n" + (out / f"process{process}.log")
+                         .read_text()[-3000:] for process in failures)
+        pytest.fail(f"worker processes {failures} failed:\n{logs}")
+    results = []
+    for process in range(processes):
+        with open(out / f"process{process}.pkl", "rb") as file:
+            results.append(pickle.load(file))
+    return results
+
+
+def assert_matches(got: dict[str, Any], expected: dict[str, Any], case: str) -> None:
+    tolerance = TOLERANCE[jax_cases.CASES[case]["dtype"]]
+    pairs = [("loss", got["loss"], expected["loss"])]
+    pairs += [(f"params[{name!r}]", got["params"][name], value)
+              for name, value in expected["params"].items()]
+    pairs += [(f"carry[{i}]", a, b)
+              for i, (a, b) in enumerate(zip(got["carry"], expected["carry"], strict=True))]
+    for what, actual, wanted in pairs:
+        assert actual.shape == wanted.shape, what
+        error = np.max(np.abs(actual - wanted)) / np.max(np.abs(wanted))
+        assert error <= tolerance, f"{case}: {what} is {error:.2e} from one device's"
+    assert len(got["loss"]) == 20
+
+
+def assert_data_parallel(got: dict[str, Any]) -> None:
+    """Parameters and optimizer state replicated, carry split by sequence, one compile."""
+    for name, spec in got["specs"].items():
+        expected = (None, "data") if name.startswith("carry.") else ()
+        assert spec == expected, f"{name} has sharding {spec}, expected {expected}"
+    assert got["compiles"] == [got["compiles"][0]] * len(got["compiles"])
+
+
+@pytest.mark.parametrize("case", FOUR_DEVICES)
+def test_four_devices_match_one(tmp_path: Path, case: str) -> None:
+    (result,) = run_workers(tmp_path, case, devices=4, processes=1)
+    assert result["devices"] == 4
+    assert result["uneven batch"] == (
+        "xs: the batch size must be a multiple of the 4 devices on the mesh axis 'data' (each "
+        "device takes an equal share of the sequences), got 6")
+    got = result["results"][case]
+    assert_data_parallel(got)
+    assert_matches(got, reference(case), case)
+
+
+@pytest.mark.parametrize("case", TWO_PROCESSES)
+def test_two_processes_match_one(tmp_path: Path, case: str) -> None:
+    results = run_workers(tmp_path, case, devices=2, processes=2)
+    for result in results:
+        assert result["devices"] == 4
+        got = result["results"][case]
+        assert_data_parallel(got)
+        assert_matches(got, reference(case), case)
+
+
+def test_process_rows_is_the_whole_batch_on_one_process() -> None:
+    assert sharding.process_rows(sharding.data_mesh(), 8) == slice(0, 8)
+
+
+def test_bad_arguments_are_named() -> None:
+    mesh = sharding.data_mesh()
+    xs = np.zeros((5, 4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"axis must name an axis of the mesh \('data',\), "
+                                         r"got 'batch'"):
+        sharding.shard_batch(mesh, xs, xs, axis="batch")
+    with pytest.raises(ValueError, match="carry: pass the carry to shard"):
+        sharding.shard_state(mesh, {}, (), None)
+    with pytest.raises(ValueError, match=r"carry must have a batch axis 1, got an array of "
+                                         r"shape \(4,\)"):
+        sharding.shard_state(mesh, {}, (), np.zeros(4))
+    with pytest.raises(ValueError, match="devices must name at least one device"):
+        sharding.data_mesh([])
+
+
+def test_one_device_mesh_places_as_documented() -> None:
+    mesh = sharding.data_mesh()
+    params, opt_state, carry = sharding.shard_state(
+        mesh, {"w": np.ones((2, 3))}, (np.zeros(()),), (np.zeros((1, 4, 5)),) * 2)
+    xs, ys, resets = sharding.shard_batch(mesh, np.ones((6, 4, 3)), np.ones((6, 4, 2)))
+    assert tuple(params["w"].sharding.spec) == () and tuple(opt_state[0].sharding.spec) == ()
+    assert tuple(carry[1].sharding.spec) == (None, "data")
+    assert tuple(xs.sharding.spec) == (None, "data")
+    assert resets is None and isinstance(ys, jax.Array)
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.ones((2, 3)))
