@@ -3,10 +3,10 @@
 No torch import anywhere in this package; `tbptt_torch` is its twin.
 """
 
-from tbptt_jax import adapters, checkpoint, losses, models, optim
+from tbptt_jax import adapters, checkpoint, losses, models, optim, sharding
 from tbptt_jax._trainer import NonFiniteLossError, OverlapCarry, tbptt_train_step
 
 __all__ = [
     "NonFiniteLossError", "OverlapCarry", "adapters", "checkpoint", "losses", "models", "optim",
-    "tbptt_train_step",
+    "sharding", "tbptt_train_step",
 ]
