@@ -193,8 +193,9 @@ def _train(args: argparse.Namespace) -> int:
     used = args.batch * (steps + 1)
     print(f"text      {used:,} characters of {corpus.describe()}, Python "
           f"{sys.version.split()[0]}")
+    per_call = ("" if updates % args.updates_per_call == 0 else "up to ")
     print(f"data      {args.batch} streams x {steps} steps, vocabulary {text.VOCAB_SIZE}, "
-          f"{calls} calls x {args.updates_per_call} updates = {updates} updates of "
+          f"{calls} calls x {per_call}{args.updates_per_call} updates = {updates} updates of "
           f"TBPTT(k1={args.k1}, k2={k2})")
 
     with char_lm.precision(args.dtype):
@@ -284,7 +285,9 @@ def _train(args: argparse.Namespace) -> int:
             plot_losses({name: np.asarray(run.losses) for name, run in runs.items()},
                         out / PLOT_NAME,
                         title=f"{CELL_NAMES[args.cell]} {args.layers}x{args.hidden} on "
-                              f"{corpus.name()}, TBPTT(k1={args.k1}, k2={k2}), {args.dtype}")
+                              f"{corpus.name()}, TBPTT(k1={args.k1}, k2={k2}), {args.dtype}",
+                        tolerance=None if parity is None else (args.checked_updates,
+                                                               args.rtol))
             print(f"\nwrote {out / LOG_NAME} and {out / PLOT_NAME}")
     return 0 if parity is None or parity["ok"] else 1
 
@@ -379,9 +382,11 @@ def print_parity(parity: dict[str, Any]) -> None:
               file=sys.stderr)
 
 
-def plot_losses(runs: dict[str, Any], path: Path, *, title: str) -> None:
+def plot_losses(runs: dict[str, Any], path: Path, *, title: str,
+                tolerance: tuple[int, float] | None = None) -> None:
     """A PNG of every framework's loss per update (bits/char), overlaid; with two runs, a
-    second panel shows their relative difference on a log scale."""
+    second panel shows their relative difference on a log scale, and `tolerance`
+    `(checked updates, rtol)` the bound the parity check holds the first updates to."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -409,6 +414,11 @@ def plot_losses(runs: dict[str, Any], path: Path, *, title: str) -> None:
         # Updates where the losses are bit-identical have no place on a log scale: gaps.
         bottom.semilogy(np.arange(1, len(rel) + 1), np.where(rel > 0, rel, np.nan),
                         color="tab:gray", linewidth=1, marker=".", markersize=3)
+        if tolerance is not None:
+            checked, rtol = tolerance
+            bottom.hlines(rtol, 1, min(checked, len(rel)), color="tab:red", linestyle=":",
+                          label=f"tolerance, updates 1-{min(checked, len(rel))}")
+            bottom.legend(loc="lower right", fontsize=8)
         bottom.set_ylabel("|jax - torch| / torch")
         bottom.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("update")

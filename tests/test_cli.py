@@ -1,0 +1,205 @@
+"""The `tbptt` command's `train` and `parity` subcommands: complete help, a tiny training run
+whose JSON log and PNG hold what was printed, a port check that passes a correct port and
+fails a wrong one naming update 1 and the parameter, and the progress bar."""
+
+import argparse
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import tbptt_parity
+from tbptt import cli
+from tbptt.commands import parity, train
+from tbptt.progress import Progress
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = ROOT / "examples" / "port_check.py"
+
+
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("name", ["train", "parity"])
+def test_help_describes_the_command_and_every_option(name):
+    subparser = subcommand_parsers()[name]
+    text = subparser.format_help()
+    module = {"train": train, "parity": parity}[name]
+    assert module.__doc__.strip().splitlines()[0] in text
+    for action in subparser._actions:
+        assert action.help, f"{action.dest} has no help"
+        for option in action.option_strings or [action.metavar]:
+            assert option in text
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert "default" in action.help, f"{action.dest} does not say its default"
+
+
+def test_the_command_lists_its_subcommands_and_imports_no_framework_for_help():
+    code = ("import sys\nfrom tbptt import cli\ntext = cli.build_parser().format_help()\n"
+            "print(sorted(m for m in ('jax', 'torch') if m in sys.modules))\nprint(text)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    imported, _, text = result.stdout.partition("\n")
+    assert imported == "[]"
+    assert "train" in text and "parity" in text
+
+
+def test_the_parity_command_offers_the_optimizers_and_losses_compare_knows():
+    options = {a.dest: a for a in subcommand_parsers()["parity"]._actions}
+    assert tuple(options["optimizer"].choices) == tuple(tbptt_parity.OPTIMIZERS)
+    assert tuple(options["loss"].choices) == tuple(tbptt_parity.LOSSES)
+
+
+def test_train_writes_a_json_log_and_a_png_that_hold_the_run(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 3)
+    out = tmp_path / "run"
+    status = cli.main(["train", "--text", str(corpus), "--cell", "gru", "--hidden", "8",
+                       "--batch", "2", "--k1", "4", "--k2", "6", "--updates", "6",
+                       "--updates-per-call", "3", "--dtype", "float64", "--print-every", "5",
+                       "--sample-length", "5", "--out", str(out)])
+    printed, progress = capsys.readouterr()
+    assert status == 0, printed
+    log = json.loads((out / train.LOG_NAME).read_text())
+
+    assert log["data"] == {"source": str(corpus), "characters": 2 * (6 * 4 + 1),
+                           "streams": 2, "steps": 24, "vocabulary": 97, "calls": 2,
+                           "updates": 6}
+    assert log["config"]["k2"] == 6 and log["model"]["cell"] == "gru"
+    assert log["model"]["parameters"] == 3 * 8 * (97 + 8 + 2) + 97 * 8 + 97
+    jax_losses, torch_losses = (np.array(log["runs"][n]["losses"]) for n in ("jax", "torch"))
+    assert jax_losses.shape == (6,) and len(log["runs"]["jax"]["call_seconds"]) == 2
+    assert log["runs"]["jax"]["compiling_calls"] == 2  # k2 > k1: the second call compiles too
+    # float64: the frameworks agree to rounding, and the log's parity block says so.
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-12)
+    assert log["parity"]["ok"] and log["parity"]["largest_rel_diff"] < 1e-12
+    assert math.isclose(log["parity"]["final_jax"], jax_losses[-6:].mean())
+    # The table printed is the log's numbers: updates 1, 6 (every 5th and the last).
+    for u in (1, 6):
+        assert (f"{u:>6}{jax_losses[u - 1]:>13.6f}{torch_losses[u - 1]:>13.6f}"
+                in printed)
+    assert log["sample"].startswith("def ") and len(log["sample"]) == 4 + 5
+    assert f"wrote {out / train.LOG_NAME} and {out / train.PLOT_NAME}" in printed
+    # The progress bar went to stderr, as lines (not a terminal), ending at 6/6.
+    assert "jax   [####################] 6/6 updates  loss" in progress
+    assert f"torch [####################] 6/6 updates  loss {torch_losses[-1]:.4f}" in progress
+
+    image = matplotlib.image.imread(out / train.PLOT_NAME)
+    assert image.shape[:2] == (round(6.5 * 110), 8 * 110)  # two panels: losses, difference
+
+
+def test_train_with_one_framework_plots_one_curve(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = cli.main(["train", "--framework", "torch", "--hidden", "8", "--batch", "2",
+                       "--k1", "5", "--updates", "4", "--updates-per-call", "2",
+                       "--sample-length", "0", "--no-progress", "--out", str(out)])
+    printed, progress = capsys.readouterr()
+    assert status == 0 and progress == ""
+    log = json.loads((out / train.LOG_NAME).read_text())
+    assert list(log["runs"]) == ["torch"] and log["parity"] is None and log["sample"] is None
+    assert len(log["runs"]["torch"]["losses"]) == 4
+    assert "jax loss" not in printed and "torch loss" in printed
+    assert matplotlib.image.imread(out / train.PLOT_NAME).shape[:2] == (round(4.5 * 110), 880)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--k1", "5", "--k2", "4"], "--k2 must be >= --k1 = 5, got 4"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--text", "/nonexistent/corpus.txt"], "--text must name a file"),
+    (["--chars", "100", "--batch", "4"], "100 characters are too few for one call"),
+])
+def test_train_rejects_bad_options_with_status_2(arguments, message, capsys):
+    assert cli.main(["train", "--no-progress", *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parity_passes_a_correct_port(capsys):
+    status = cli.main(["parity", f"{PORT}:Forecaster", f"{PORT}:forecaster_apply",
+                       "--steps", "10", "--batch", "2", "--optimizer", "adam", "--lr", "0.01"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "data    xs [10, 2, 3], ys [10, 2, 2], random (seed 0)" in printed
+    assert "OK: the port agrees with torch over all 2 updates to 1e-10" in printed
+
+
+def test_parity_fails_a_wrong_port_naming_update_1_and_the_parameter(capsys):
+    status = cli.main(["parity", f"{PORT}:Forecaster", f"{PORT}:wrong_forecaster_apply",
+                       "--steps", "10", "--batch", "2"])
+    printed = capsys.readouterr().out
+    assert status == 1
+    assert "DIVERGED at update 1: the gradient of 'gru.bias_hh_l0' differs by" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("     1 ")]
+    assert len(rows) == 1 and rows[0].endswith("gru.bias_hh_l0")
+    assert not any(line.startswith("     2 ") for line in printed.splitlines())
+
+
+def test_parity_takes_data_from_a_file_of_ones_own(tmp_path, capsys):
+    data = tmp_path / "my_data.py"
+    data.write_text("import numpy as np\n\ndef sequences():\n"
+                    "    rng = np.random.default_rng(3)\n"
+                    "    return rng.normal(size=(6, 2, 3)), rng.integers(0, 2, (6, 2))\n")
+    status = cli.main(["parity", f"{PORT}:Forecaster", f"{PORT}:forecaster_apply",
+                       "--data", f"{data}:sequences", "--loss", "cross_entropy", "--k1", "3",
+                       "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"data    xs [6, 2, 3], ys [6, 2] from {data}:sequences" in printed
+    assert "tolerance 1e-05 relative (scale: trajectory)" in printed
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    (["nofile.py:Forecaster", f"{PORT}:forecaster_apply"], "no file nofile.py"),
+    ([f"{PORT}:Missing", f"{PORT}:forecaster_apply"], "defines no 'Missing'"),
+    ([f"{PORT}", f"{PORT}:forecaster_apply"], "expected FILE.py:NAME or MODULE:NAME"),
+    (["no_such_module_xyz:f", f"{PORT}:forecaster_apply"], "cannot import no_such_module_xyz"),
+])
+def test_parity_names_a_bad_port_spec_with_status_2(specs, message, capsys):
+    assert cli.main(["parity", *specs]) == 2
+    assert message in capsys.readouterr().err
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_writes_a_line_per_tenth_off_a_terminal_and_times_from_the_first_report():
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress("jax", 20, steps_per_update=50, stream=stream, interactive=False,
+                        clock=clock)
+    for done in range(2, 21, 2):
+        clock.now += 30.0 if done == 2 else 0.5  # the first call compiles
+        progress.update(done, loss=1.0 / done)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[0] == "jax   [##..................]  2/20 updates  loss 0.5000"
+    # 18 updates in 4.5 s after the first report: 4 updates/s, 200 steps/s.
+    assert lines[-1] == ("jax   [####################] 20/20 updates  loss 0.0500  "
+                         "4.0 updates/s  200.0 steps/s  eta 0s")
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress("torch", 4000, steps_per_update=5, stream=stream, interactive=True,
+                        clock=clock)
+    progress.update(1000, loss=2.0)
+    clock.now = 1.0
+    progress.update(3000, loss=1.5)
+    progress.close()
+    assert stream.getvalue() == (
+        "\rtorch [#####...............] 1000/4000 updates  loss 2.0000\x1b[K"
+        "\rtorch [###############.....] 3000/4000 updates  loss 1.5000  2.0k updates/s  "
+        "10.0k steps/s  eta 0s\x1b[K\n")
