@@ -230,11 +230,13 @@ def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: in
         carry, history_xs, history_resets = carry
         check_overlap(history_xs.shape,
                       None if history_resets is None else history_resets.shape, xs.shape, k1, k2)
-    rnn = getattr(model, "rnn", None)
+    # DistributedDataParallel keeps the model's own attributes on its `.module`.
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    rnn = getattr(inner, "rnn", None)
     if isinstance(rnn, nn.RNNBase) and tuple(xs.shape[2:]) != (rnn.input_size,):
         raise ValueError(f"xs must be [T, B, input_size] = [T, B, {rnn.input_size}], got shape "
                          f"{tuple(xs.shape)}")
-    initial_carry = getattr(model, "initial_carry", None)
+    initial_carry = getattr(inner, "initial_carry", None)
     if initial_carry is None and carry is None:
         raise ValueError("carry: None means the model's zero carry, but the model has no "
                          "initial_carry(batch_size) method; pass the carry explicitly")
