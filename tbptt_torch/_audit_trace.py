@@ -12,18 +12,22 @@ prediction, a post-accumulate hook on every parameter, `zero_grad`) and hands th
   events): which forward calls' predictions received gradient, and that gradient;
 - every `step()` and `zero_grad()`: when it came and which gradient bursts `p.grad` held.
 
-The carry a forward call returns is handed back as a `_TracedCarry`, a tensor subclass that
-only notes a `detach()` called on it, so a `detach()` whose result is discarded shows up.
+While the loop runs, a torch function mode notes every `detach()` called on a carry the model
+returned, so a `detach()` whose result is discarded shows up. The carry itself is handed back
+untouched (no wrapper, no view), so `detach_()` and everything else behave as without the
+audit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -32,20 +36,19 @@ class AuditError(ValueError):
     """The loop could not be audited (it did not call the model as the audit expects)."""
 
 
-class _TracedCarry(torch.Tensor):
-    """A carry tensor the audited model returned; records `detach()` calls on itself."""
+class _DetachWatch(TorchFunctionMode):
+    """Notes `detach()` calls on the carries the audited model returned."""
 
-    _audit_source: int
-    _audit_recorder: Recorder
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
+        self.recorder = recorder
 
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.detach and args and isinstance(args[0], _TracedCarry):
-            args[0]._audit_recorder.detach_calls.add(args[0]._audit_source)
-        # Results are plain tensors: only the object the model returned stays traced.
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.detach and args:
+            source = self.recorder.returned_by(args[0])
+            if source is not None:
+                self.recorder.detach_calls.add(source)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Recorder:
         self._since_step: list[int] = []
         self._forwards_since_step: list[int] = []
         self._nodes: dict[int, tuple[Any, int]] = {}  # id(grad_fn) -> (node kept alive, fwd)
+        self._returned: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (carry part, fwd)
         self._open: dict[str, Any] = {}
         model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         model.register_forward_hook(self._post_forward, with_kwargs=True)
@@ -156,6 +160,17 @@ class Recorder:
             model_zero_grad(set_to_none)
 
         model.zero_grad = zero_grad  # type: ignore[method-assign]
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """Run the loop inside this, so `detach()` calls on returned carries are seen."""
+        with _DetachWatch(self):
+            yield
+
+    def returned_by(self, tensor: Any) -> int | None:
+        """The forward call that returned this very tensor object as (part of) its carry."""
+        entry = self._returned.get(id(tensor))
+        return entry[1] if entry is not None and entry[0] is tensor else None
 
     # -- events --------------------------------------------------------------------------
 
@@ -245,8 +260,8 @@ class Recorder:
             return CarryIn("initial")
         kinds = []
         for part in _parts(carry):
-            if isinstance(part, _TracedCarry):
-                source = part._audit_source
+            source = self.returned_by(part)
+            if source is not None:  # detached in place (detach_()) if it has no graph now
                 kind = "attached" if part.grad_fn is not None else "detached"
             elif part.grad_fn is not None:
                 source = self._find_source(part.grad_fn)
@@ -285,14 +300,6 @@ class Recorder:
         self.forwards.append(Forward(index, lo, hi, carry_in, len(self.steps), event))
         self._forwards_since_step.append(index)
         self._open = {"index": index, "one_step": one_step}
-        if carry is not None:
-            plain = tuple(part.as_subclass(torch.Tensor) if isinstance(part, _TracedCarry)
-                          else part for part in _parts(carry))
-            carry = plain if isinstance(carry, (tuple, list)) else plain[0]
-        if rest:
-            rest[0] = carry
-        elif "carry" in kwargs:
-            kwargs = {**kwargs, "carry": carry}
         return (x, *rest), kwargs
 
     def _post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -307,13 +314,8 @@ class Recorder:
             preds.register_hook(lambda grad, i=index: self._on_pred_grad(i, grad))
         parts = _parts(carry)
         forward.carry_out = tuple(part.detach().clone() for part in parts)
-        traced = []
         for part in parts:
-            wrapped = part.as_subclass(_TracedCarry)
-            wrapped._audit_source, wrapped._audit_recorder = index, self
-            for node in (part.grad_fn, wrapped.grad_fn):
-                if node is not None:
-                    self._nodes[id(node)] = (node, index)
-            traced.append(wrapped)
-        carry = tuple(traced) if isinstance(carry, (tuple, list)) else traced[0]
+            self._returned[id(part)] = (part, index)
+            if part.grad_fn is not None:
+                self._nodes[id(part.grad_fn)] = (part.grad_fn, index)
         return (preds[0] if one_step else preds), carry

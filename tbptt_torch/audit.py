@@ -217,7 +217,10 @@ def _float64() -> Iterator[None]:
 def default_length(k1: int, k2: int) -> int:
     """T for the audit: at least five updates and a full overlap, and T % k1 != 0 (k1 > 1)
     so the tail policy shows."""
-    return max(5 * k1, k2 + 2 * k1) + (max(1, k1 // 2) if k1 > 1 else 0)
+    if k1 == 1:
+        return max(5, k2 + 2)
+    length = max(5 * k1, k2 + 2 * k1) + max(1, k1 // 2)
+    return length + 1 if length % k1 == 0 else length
 
 
 def audit(
@@ -304,7 +307,8 @@ def audit(
         extra = {"k2": k2} if "k2" in inspect.signature(loop).parameters else {}
         error = None
         try:
-            loop(model, optimizer, xs.clone(), ys.clone(), k1, **extra)
+            with recorder.watching():
+                loop(model, optimizer, xs.clone(), ys.clone(), k1, **extra)
         except AuditError:
             raise
         except Exception as exc:  # the loop's own failure is part of the verdict
@@ -574,6 +578,14 @@ class _Analysis:
                 every = torch.cat([w.flatten() for w in weights])
                 if bool(torch.allclose(every, every[0], rtol=_WEIGHT_RTOL, atol=0)):
                     weight = float(every[0])
+                else:
+                    self.add("wrong_loss",
+                             f"the loss terms of update {index} weigh unequally (from "
+                             f"{float(every.min()):.3g} to {float(every.max()):.3g} per term, "
+                             f"read from the gradient on the predictions): its loss is not a "
+                             f"mean or sum of the squared errors against ys at the same steps "
+                             f"(a shifted target, another loss, or weights per step?)",
+                             index, step.progress - 1)
             loss_steps = tuple(sorted(reaches))
             self._weights.append((len(loss_steps), weight))
             self._reaches.append(reaches)
