@@ -15,6 +15,9 @@ the two differ by design, each with the torch behaviour as an optax transformati
   the two part once the learning rate changes (a schedule).
 - `cosine_annealing_schedule`: `torch.optim.lr_scheduler.CosineAnnealingLR` is periodic
   (it rises again after `T_max` steps); `optax.cosine_decay_schedule` stays at its end.
+- `float_count`: optax's polynomial schedules (`linear_schedule`, the warm-up of
+  `warmup_cosine_decay_schedule`) divide the int32 step count, which JAX does in float32
+  even with x64 on, so a float64 run gets float32 learning rates; torch's are Python floats.
 
 Every factory is a small closure returning an `optax.GradientTransformation` (or a
 schedule), so it composes with `optax.chain` like any optax piece.
@@ -35,6 +38,7 @@ __all__ = [
     "adagrad_torch",
     "clip_by_global_norm_torch",
     "cosine_annealing_schedule",
+    "float_count",
     "rmsprop_torch",
     "scale_by_rss_torch",
 ]
@@ -186,3 +190,18 @@ def cosine_annealing_schedule(learning_rate: float, t_max: int,
         return eta_min + (learning_rate - eta_min) * (1.0 + jnp.cos(jnp.pi * count / t_max)) / 2
 
     return schedule
+
+
+def float_count(schedule: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+    """`schedule` evaluated at the step count cast to JAX's default float (float64 with x64
+    on), so that the learning rate has that precision.
+
+    optax's optimizers call a schedule with their int32 count, and `int32 / int` is float32
+    in JAX whatever x64 says: `optax.linear_schedule(0.001, 0.01, 10)(jnp.int32(0))` is
+    float32 0.001, 1.6e-7 relative from float64's. Wrapped, it equals torch's `LinearLR`
+    rates to 1e-15.
+    """
+    def wrapped(count: jax.Array) -> jax.Array:
+        return schedule(jnp.asarray(count, dtype=jnp.result_type(float)))
+
+    return wrapped
