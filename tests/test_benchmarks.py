@@ -1,0 +1,186 @@
+"""The benchmark suite compares equal work, records what it measured, and judges targets right.
+
+(a) From the same weights and data, every implementation of `benchmarks.suite` computes the
+same per-update losses (float32 rounding apart), for each cell, a partial tail, k2 > k1,
+cross-entropy over one-hot and embedded tokens. (b) A tiny run's results dict holds every
+repeat and figures derived from them exactly as documented, survives the JSON round trip,
+and renders to markdown and PNG. (c) The targets are evaluated correctly from a hand-made
+results dict. (d) The streamed-memory child process reports its own peak, not its parent's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("torch")
+
+from benchmarks import memory, report, suite  # noqa: E402
+
+RTOL = 1e-5  # float32, a few updates from the same weights
+
+TINY = suite.Config("tiny", 3, 8, 3, 1, 2, 25, 10, 10, "regression", "a tiny test")
+
+
+def _first_losses(problem: suite.Problem) -> dict[str, np.ndarray]:
+    losses = {}
+    for name in suite.IMPLEMENTATIONS:
+        cls = suite.IMPLEMENTATION_CLASSES[name]
+        if cls.skip_reason(problem) is None:
+            implementation = cls(problem)
+            implementation.call()
+            losses[name] = implementation.losses()
+    return losses
+
+
+CASES = [
+    pytest.param(TINY, "elman", id="elman-partial-tail"),
+    pytest.param(TINY, "gru", id="gru-partial-tail"),
+    pytest.param(TINY, "lstm", id="lstm-partial-tail"),
+    pytest.param(suite.Config("tiny-k2", 3, 8, 3, 2, 2, 30, 10, 20, "regression", "k2 > k1"),
+                 "gru", id="gru-2layer-k2"),
+    pytest.param(suite.Config("tiny-char", 5, 8, 5, 2, 3, 20, 10, 10, "classification",
+                              "one-hot"), "lstm", id="lstm-2layer-one-hot-cross-entropy"),
+    pytest.param(suite.Config("tiny-word", 4, 8, 7, 1, 2, 20, 5, 5, "classification",
+                              "embedded"), "elman", id="elman-embedded-cross-entropy"),
+]
+
+
+# torch.compile's first use imports torch.utils.mkldnn, whose torch.jit use warns.
+@pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+@pytest.mark.parametrize("config, cell", CASES)
+def test_every_implementation_computes_the_same_losses(config, cell):
+    problem = suite.make_problem(config, cell, seed=3)
+    losses = _first_losses(problem)
+    expected = {"jax", "torch-fused", "torch-compile"}
+    if config.k1 == config.k2:
+        expected |= {"torch-hand", "torch-ignite"}
+    assert set(losses) == expected
+    updates = math.ceil(config.steps / config.k1)
+    for name, values in losses.items():
+        assert values.shape == (updates,), name
+        np.testing.assert_allclose(values, losses["jax"], rtol=RTOL, err_msg=name)
+    # The losses are real training: they change from update to update.
+    assert np.ptp(losses["jax"]) > 0
+
+
+def test_only_cuda_runs_the_cudnn_baseline_and_k2_skips_the_hand_loops():
+    problem = suite.make_problem(replace_k2(TINY, 20), "lstm")
+    reasons = {name: cls.skip_reason(problem)
+               for name, cls in suite.IMPLEMENTATION_CLASSES.items()}
+    assert reasons["torch-cudnn"] == "cuDNN needs --device cuda"
+    assert "k2 > k1" in reasons["torch-hand"] and "k2 > k1" in reasons["torch-ignite"]
+    assert reasons["jax"] is reasons["torch-fused"] is reasons["torch-compile"] is None
+
+
+def replace_k2(config: suite.Config, k2: int) -> suite.Config:
+    return suite.replace(config, k2=k2)
+
+
+def test_flops_scaling_and_steps_are_as_documented():
+    # LSTM I=3 H=8 O=3, B=2: per step 2*4H*(I+H) + 2*H*O = 704 + 48; T=25 in windows
+    # 10+10+5 = 25 steps; 3x forward for training.
+    assert suite.flops_per_call(TINY, "lstm") == 3 * (704 + 48) * 2 * 25
+    # Two GRU layers (the second's input is H), k1=10, k2=20 over T=30: windows 10, 20, 20.
+    config = suite.Config("x", 3, 8, 3, 2, 2, 30, 10, 20, "regression", "")
+    per_step = 2 * 24 * (3 + 8) + 2 * 24 * (8 + 8) + 2 * 8 * 3
+    assert suite.flops_per_call(config, "gru") == 3 * per_step * 2 * 50
+    assert suite.updates_of(config) == 3
+    assert suite.scaled(suite.CONFIGS["M"], 0.5).steps == 500
+    assert suite.scaled(suite.CONFIGS["M"], 0.26).steps == 250  # a multiple of k1
+    assert suite.scaled(suite.CONFIGS["S"], 0.001).steps == 20  # at least 2*k1
+    assert suite._parse_steps(["L=500", "S=40"]) == {"L": 500, "S": 40}
+    with pytest.raises(ValueError, match="--steps: expected CONFIG=T .* got 'Q=5'"):
+        suite._parse_steps(["Q=5"])
+
+
+def test_results_hold_every_repeat_and_render(tmp_path):
+    implementations = ["jax", "torch-hand", "torch-fused"]
+    results = suite.run_suite([TINY], ["lstm"], implementations, repeats=3, warmup=1,
+                              matmul_size=64, memory_steps=None, command=["test"],
+                              log=lambda line: None)
+    assert results["schema"] == suite.SCHEMA
+    assert results["settings"]["repeats"] == 3 and results["settings"]["dtype"] == "float32"
+    assert results["threads"]["torch_intra_op"] >= 1 and results["versions"]["jax"]
+    assert results["matmul"]["best_gflops"] == max(results["matmul"]["gflops"].values())
+    (benchmark,) = results["benchmarks"]
+    assert (benchmark["config"], benchmark["cell"], benchmark["updates"]) == ("tiny", "lstm", 3)
+    assert benchmark["flops_per_call"] == suite.flops_per_call(TINY, "lstm")
+    assert list(benchmark["implementations"]) == implementations
+    for name, entry in benchmark["implementations"].items():
+        assert entry["status"] == "ok", name
+        assert len(entry["times_s"]) == 3
+        median = statistics.median(entry["times_s"])
+        assert entry["median_s"] == median
+        assert entry["update_s"] == pytest.approx(median / 3)
+        assert entry["steps_per_s"] == pytest.approx(25 * 2 / median)
+        assert entry["gflops"] == pytest.approx(benchmark["flops_per_call"] / median / 1e9)
+        assert entry["compile_s"] == pytest.approx(max(0.0, entry["first_call_s"] - median))
+        assert entry["loss_max_rel_diff"] < RTOL
+        assert entry["peak_memory"]["host_peak_growth_bytes"] >= 0
+
+    path = suite.write_results(results, tmp_path, "tiny")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(results))
+    written = report.render(path)
+    assert [p.name for p in written] == ["tiny.md", "tiny-throughput.png", "tiny-ratio.png"]
+    for png in written[1:]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = written[0].read_text()
+    fused = benchmark["implementations"]["torch-fused"]
+    ratio = fused["median_s"] / benchmark["implementations"]["jax"]["median_s"]
+    assert f"| torch-fused | {report._fmt(fused['median_s'] * 1e3)} |" in markdown
+    assert f"| torch-fused time / jax time >= 1.0 | tiny lstm | {report._fmt(ratio)} |" in markdown
+
+
+def _entry(median_s, **extra):
+    return {"status": "ok", "median_s": median_s, **extra}
+
+
+def _benchmark(config, cell, **implementations):
+    return {"config": config, "cell": cell,
+            "implementations": {name.replace("_", "-"): entry
+                                for name, entry in implementations.items()}}
+
+
+def test_targets_from_a_hand_made_results_dict():
+    results = {
+        "matmul": {"best_gflops": 100.0},
+        "benchmarks": [
+            _benchmark("S", "lstm", jax=_entry(1.0), torch_fused=_entry(6.0),
+                       torch_hand=_entry(25.0)),
+            _benchmark("S", "gru", jax=_entry(2.0), torch_fused=_entry(8.0),
+                       torch_hand={"status": "failed", "error": "boom"}),
+            _benchmark("M", "lstm", jax=_entry(1.0, compile_s=6.0), torch_fused=_entry(0.9)),
+            _benchmark("L", "lstm", jax=_entry(1.0, gflops=80.0), torch_fused=_entry(1.0)),
+            _benchmark("L", "gru", jax=_entry(1.0, gflops=10.0),
+                       torch_fused={"status": "skipped", "reason": "x"}),
+        ],
+        "memory_scaling": {"ratio": {"jax": 1.05, "torch": 1.2}},
+    }
+    got = [(t.key, t.subject, t.value, t.passed) for t in report.evaluate_targets(results)]
+    assert got == [
+        ("fused", "S lstm", 6.0, True), ("fused-S", "S lstm", 6.0, True),
+        ("hand-S", "S lstm", 25.0, True),
+        ("fused", "S gru", 4.0, True), ("fused-S", "S gru", 4.0, False),
+        ("hand-S", "S gru", None, None),
+        ("fused", "M lstm", 0.9, False), ("compile-M", "M lstm", 6.0, False),
+        ("fused", "L lstm", 1.0, True), ("matmul-L", "L lstm", 0.8, True),
+        ("fused", "L gru", None, None),
+        ("memory", "jax", 1.05, True), ("memory", "torch", 1.2, False),
+    ]
+
+
+def test_memory_child_reports_its_own_peak():
+    ballast = np.ones(2**26)  # 512 MiB resident in this process while the child runs
+    parent_rss = suite._proc_status("VmRSS")
+    result = memory.measure("torch", 100)
+    assert result["status"] == "ok", result.get("error")
+    assert result["steps"] == 100 and result["rss_samples"][-1][0] == 100
+    assert result["peak_rss_bytes"] >= max(rss for _, rss in result["rss_samples"])
+    # ru_maxrss would carry this process's peak over into the child; VmHWM does not.
+    assert result["peak_rss_bytes"] < parent_rss - ballast.nbytes // 2
