@@ -88,6 +88,7 @@ class Burst:
     event: int
     pred_grads: dict[int, torch.Tensor] = field(default_factory=dict)  # forward -> dL/dpreds
     crashed: bool = False  # the loop raised while this backward ran
+    grads_after: dict[str, torch.Tensor] = field(default_factory=dict)  # p.grad as it left it
 
 
 @dataclass
@@ -151,8 +152,9 @@ class Recorder:
         self._open: dict[str, Any] = {}
         model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         model.register_forward_hook(self._post_forward, with_kwargs=True)
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(self._on_param_grad)
+        for name, p in model.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda param, name=name: self._on_param_grad(name, param))
         model_zero_grad = model.zero_grad
 
         def zero_grad(set_to_none: bool = True) -> None:
@@ -174,6 +176,10 @@ class Recorder:
 
     # -- events --------------------------------------------------------------------------
 
+    def _grads(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                for name, p in zip(self.names, self.model.parameters(), strict=True)}
+
     def _close_burst(self) -> None:
         if self._burst is not None:
             self.bursts.append(self._burst)
@@ -188,12 +194,13 @@ class Recorder:
 
     def _open_burst(self) -> Burst:
         if self._burst is None:
-            self._burst = Burst(len(self.bursts), len(self.events))
+            self._burst = Burst(len(self.bursts), len(self.events), grads_after=self._grads())
             self.events.append(("backward", self._burst.index))
         return self._burst
 
-    def _on_param_grad(self, _: torch.Tensor) -> None:
-        self._open_burst()
+    def _on_param_grad(self, name: str, param: torch.Tensor) -> None:
+        # Taken as backward() leaves it, before anything (clipping) may change it.
+        self._open_burst().grads_after[name] = param.grad.detach().clone()
 
     def _on_pred_grad(self, forward: int, grad: torch.Tensor) -> None:
         burst = self._open_burst()
@@ -205,9 +212,7 @@ class Recorder:
 
     def on_step(self) -> None:
         self._close_burst()
-        grads = {}
-        for name, p in zip(self.names, self.model.parameters(), strict=True):
-            grads[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        grads = self._grads()
         applied = any(bool(g.ne(0).any()) for g in grads.values())
         index = len(self.steps)
         event = self._event("step", index)

@@ -60,6 +60,7 @@ FINDING_KINDS = (
     "wrong_reduction",         # summed where a mean was intended, or the reverse
     "wrong_loss",              # a step's loss is not squared error against its target
     "no_update",               # step() never applied a gradient
+    "gradient_modified",       # p.grad changed between backward() and step() (clipping?)
     "gradients_differ",        # everything above as intended, yet the gradients differ
 )
 
@@ -193,6 +194,13 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
+def _named(steps: tuple[int, ...]) -> str:
+    """'no step', 'step 3' or 'steps 0-3' for a tuple of time steps."""
+    if not steps:
+        return "no step"
+    return f"step {steps[0]}" if len(steps) == 1 else f"steps {_span(steps)}"
+
+
 def _span(steps: tuple[int, ...]) -> str:
     if not steps:
         return "none"
@@ -315,6 +323,9 @@ def audit(
             recorder.on_crash()
             error = exc
         recorder.on_crash() if error is not None else recorder._close_burst()
+        if not recorder.forwards and error is None:
+            raise AuditError("the loop never called model(x, carry): the audit sees only calls "
+                             "of the model itself (not of model.rnn or model.head)")
 
         analysis = _Analysis(recorder, length, batch_size, k1, k2, reduction, tail, error)
         analysis.run()
@@ -427,7 +438,10 @@ class _Analysis:
             carry, update = forward.carry_in, forward.steps_before + 1
             if carry.kind == "attached" and carry.source is not None:
                 source = forwards[carry.source]
-                if first_backward.get(source.index, math.inf) < forward.event:
+                # A chunk boundary is a step() between the two forwards; an attached carry
+                # within one update is the window's own recurrence.
+                if (source.steps_before < forward.steps_before
+                        and first_backward.get(source.index, math.inf) < forward.event):
                     reach = self.reach(forward.index)
                     message = (
                         f"the hidden state is not detached at step {forward.lo}: the forward "
@@ -496,6 +510,14 @@ class _Analysis:
                          f"of the loss of {self._steps_of(own_forwards)} is cleared "
                          f"before step() #{n + 1} could apply it, so that step() changes "
                          f"nothing", n + 1, position)
+            produced = bursts[step.pending[-1]].grads_after if step.pending else None
+            if produced is not None and _relative(step.grads, produced) > RTOL:
+                self.add("gradient_modified",
+                         f"step() #{n + 1} applies a gradient other than the one backward() "
+                         f"produced: it was changed in between, by "
+                         f"{_relative(step.grads, produced):.2g} relative (gradient clipping or "
+                         f"scaling?). The reference is plain TBPTT; audit the loop without it",
+                         n + 1, position)
             if step.applied and set(step.pending) & applied_before:
                 self.add("gradients_accumulate",
                          f"the gradient applied by step() #{n + 1} still holds the gradient an "
@@ -507,11 +529,20 @@ class _Analysis:
         unapplied = [b for b in bursts if b.event > last_step and not b.crashed]
         if unapplied and self.error is None and "step_before_backward" not in self.findings:
             covered = {f for b in unapplied for f in b.pred_grads}
-            self.add("gradient_never_applied",
-                     f"the gradient of the last backward() (the loss of "
-                     f"{self._steps_of(covered)}) is never applied: no step() follows it",
-                     len(steps) + 1, max(self.rec.forwards[f].hi for f in covered) - 1
-                     if covered else None)
+            trained = [self.rec.forwards[f].hi for s in steps if s.applied
+                       for b in s.pending for f in self.rec.bursts[b].pred_grads]
+            if covered and min(self.rec.forwards[f].lo for f in covered) >= max(trained,
+                                                                               default=0):
+                # Only steps after the last update: the tail the loop does not train, which
+                # the tail policy accounts for; the backward() there is wasted work only.
+                self.notes.append(f"the backward() of {self._steps_of(covered)} is computed "
+                                  f"but never applied (no step() follows it)")
+            else:
+                self.add("gradient_never_applied",
+                         f"the gradient of the last backward() (the loss of "
+                         f"{self._steps_of(covered)}) is never applied: no step() follows it",
+                         len(steps) + 1, max(self.rec.forwards[f].hi for f in covered) - 1
+                         if covered else None)
         if self.error is None and not self.applied:
             if not steps:
                 self.add("no_update", "the loop never called optimizer.step()")
@@ -682,13 +713,15 @@ class _Analysis:
                                f"{want.loss_stop - 1}: the forward of the steps between ran "
                                f"with the weights before this update")
                 else:
-                    ends = ", ".join(str(x.after_step) for x in self.updates[:6])
-                    want_ends = ", ".join(str(x.loss_stop - 1) for x in planned[:6])
-                    message = (f"update {u + 1} trains the loss of steps "
-                               f"{_span(obs.loss_steps)}, applied after step {obs.after_step}; "
-                               f"{k} trains steps {_span(want_steps)} there. The loop's "
-                               f"updates come after steps {ends}, ... instead of "
-                               f"{want_ends}, ...")
+                    ends = [x.after_step for x in self.updates[:6]]
+                    want_ends = [x.loss_stop - 1 for x in planned[:6]]
+                    message = (f"update {u + 1} trains the loss of {_named(obs.loss_steps)}, "
+                               f"applied after step {obs.after_step}; {k} trains "
+                               f"{_named(want_steps)} there")
+                    if ends != want_ends:
+                        message += (f". The loop's updates come after steps "
+                                    f"{', '.join(map(str, ends))}, ... instead of "
+                                    f"{', '.join(map(str, want_ends))}, ...")
                 self.add("wrong_update_steps", message, u + 1, obs.after_step)
                 break
             too_short = {t: r for t, r in reach.items() if r > want.window_start}

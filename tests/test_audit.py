@@ -347,3 +347,49 @@ def test_default_length_shows_the_tail():
         assert length >= k2 + 2 * k1 and length // k1 >= 5
         assert k1 == 1 or length % k1 != 0
     assert math.ceil(default_length(4, 4) / 4) == 6
+
+
+def clipping_loop(model, optimizer, xs, ys, k):
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        optimizer.step()
+        h = h[0].detach(), h[1].detach()
+
+
+def per_step_backward_loop(model, optimizer, xs, ys, k):
+    """backward() of each step's own loss (retain_graph), step() every k: the gradients of
+    the k backward() calls add up to the chunk's, so this is TBPTT(k, k) with a sum."""
+    h = None
+    for t in range(xs.shape[0]):
+        out, h = model(xs[t], h)
+        ((out - ys[t]) ** 2).sum().backward(retain_graph=True)
+        if (t + 1) % k == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+            h = h[0].detach(), h[1].detach()
+
+
+def test_gradient_changed_between_backward_and_step():
+    verdict = audit(clipping_loop)
+    assert verdict.kinds == ("gradient_modified",)
+    assert (verdict.findings[0].update, verdict.findings[0].step) == (1, 3)
+
+
+def test_one_backward_per_step_adds_up_to_the_chunk():
+    verdict = audit(per_step_backward_loop, reduction="sum", tail="drop")
+    assert verdict.correct, str(verdict)
+    assert verdict.max_gradient_difference < RTOL
+
+
+def test_a_loop_that_bypasses_the_model():
+    def rnn_only_loop(model, optimizer, xs, ys, k):
+        hidden, _ = model.rnn(xs[:k])
+        F.mse_loss(model.head(hidden), ys[:k]).backward()
+        optimizer.step()
+
+    with pytest.raises(AuditError, match="the loop never called model"):
+        audit(rnn_only_loop)
