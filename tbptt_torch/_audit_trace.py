@@ -226,8 +226,9 @@ class Recorder:
         self._event("zero_grad", len(self.events))
         self._pending = []
 
-    def on_crash(self) -> None:
-        if self._burst is not None:
+    def finish(self, crashed: bool) -> None:
+        """Ends the recording; `crashed`: the loop raised (inside a backward(), if one ran)."""
+        if crashed and self._burst is not None:
             self._burst.crashed = True
         self._close_burst()
 

@@ -312,7 +312,11 @@ def audit(
         ys = torch.randn(length, batch_size, 1, generator=generator)
         recorder = Recorder(model, xs, ys, losses.mse)
         optimizer = RecordingSGD(model.parameters(), lr, recorder)
-        extra = {"k2": k2} if "k2" in inspect.signature(loop).parameters else {}
+        try:
+            takes_k2 = "k2" in inspect.signature(loop).parameters
+        except (TypeError, ValueError):  # a callable without a signature to read
+            takes_k2 = False
+        extra = {"k2": k2} if takes_k2 else {}
         error = None
         try:
             with recorder.watching():
@@ -320,9 +324,8 @@ def audit(
         except AuditError:
             raise
         except Exception as exc:  # the loop's own failure is part of the verdict
-            recorder.on_crash()
             error = exc
-        recorder.on_crash() if error is not None else recorder._close_burst()
+        recorder.finish(crashed=error is not None)
         if not recorder.forwards and error is None:
             raise AuditError("the loop never called model(x, carry): the audit sees only calls "
                              "of the model itself (not of model.rnn or model.head)")
@@ -346,8 +349,9 @@ def _setup(model: nn.Module, cell: str, model_factory: Any, xs: torch.Tensor, lr
            k1: int, extra: dict[str, int]) -> str:
     rnn = getattr(model, "rnn", None)
     if model_factory is None and isinstance(rnn, nn.RNNBase):
-        name = f"{cell.upper() if cell != 'elman' else 'Elman'}({rnn.input_size} -> " \
-               f"{rnn.hidden_size} x {rnn.num_layers} layer(s) -> 1)"
+        cell_name = {"elman": "Elman", "gru": "GRU", "lstm": "LSTM"}[cell]
+        name = (f"{cell_name}({rnn.input_size} -> {rnn.hidden_size} x {rnn.num_layers} "
+                f"layer(s) -> 1)")
     else:
         name = type(model).__name__
     given = f"k={k1}" + "".join(f", {key}={value}" for key, value in extra.items())

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tbptt_torch
 from examples import audit_loops as loops
 from tbptt.cli import main
-from tbptt_torch.audit import RTOL, AuditError, audit
+from tbptt_torch.audit import RTOL, AuditError, Tbptt, audit
 
 T, K = 22, 4  # the audit's defaults for k1 = 4: five whole chunks and a tail of 2
 B = K + 1
@@ -41,7 +40,7 @@ def finding(verdict, kind):
 def test_per_step_loop_is_sum_drop():
     verdict = audit(loops.per_step_loop, k1=K, reduction="sum", tail="drop")
     assert verdict.correct, str(verdict)
-    assert verdict.implements == tbptt_torch.audit.__globals__["Tbptt"](K, K, "sum", "drop", "sum")
+    assert verdict.implements == Tbptt(K, K, "sum", "drop", "sum")
     assert ends(verdict) == [3, 7, 11, 15, 19]
     assert [u.weight for u in verdict.updates] == [1.0] * 5
     assert [u.window_start for u in verdict.updates] == [0, 4, 8, 12, 16]
@@ -393,3 +392,11 @@ def test_a_loop_that_bypasses_the_model():
 
     with pytest.raises(AuditError, match="the loop never called model"):
         audit(rnn_only_loop)
+
+
+def test_exported_from_the_package():
+    import tbptt_torch
+    from tbptt_torch.audit import AuditVerdict
+
+    assert tbptt_torch.audit is audit
+    assert tbptt_torch.AuditVerdict is AuditVerdict
