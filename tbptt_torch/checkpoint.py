@@ -273,8 +273,8 @@ def _check_model(path: Path, model: nn.Module, saved: Mapping[str, torch.Tensor]
 def _check_optimizer(path: Path, optimizer: torch.optim.Optimizer, saved_class: str,
                      saved: Mapping[str, Any]) -> None:
     if type(optimizer).__qualname__ != saved_class:
-        raise ValueError(f"optimizer does not fit {path}: it was saved from a {saved_class}, "
-                         f"got a {type(optimizer).__qualname__}")
+        raise ValueError(f"optimizer does not fit {path}: it was saved from {saved_class}, "
+                         f"got {type(optimizer).__qualname__}")
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     saved_sizes = [len(group["params"]) for group in saved["param_groups"]]
     if sizes != saved_sizes:
