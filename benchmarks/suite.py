@@ -821,15 +821,15 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
     return steps
 
 
-def run(args: argparse.Namespace) -> int:
-    """`tbptt bench`: runs the suite as the options say, writes the JSON and the report."""
-    from benchmarks import report
-
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """`run_suite`'s arguments from `tbptt bench`'s options, each checked."""
     quick = args.quick
     scale = args.scale if args.scale is not None else (0.1 if quick else 1.0)
     cpu_budget = args.scale is None and not quick and args.device == "cpu"
     repeats = args.repeats if args.repeats is not None else (3 if quick else 5)
     warmup = args.warmup if args.warmup is not None else 1
+    _check_positive("--repeats", repeats)
+    _check_positive("--warmup", warmup, minimum=0)
     if not scale > 0:
         raise ValueError(f"--scale must be > 0, got {scale}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -842,27 +842,40 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < memory_steps[0] < memory_steps[1]:
             raise ValueError(f"--memory-steps: expected 0 < SHORT < LONG, got {memory_steps}")
     steps = {**(CPU_STEPS if cpu_budget else {}), **_parse_steps(args.steps)}
-    threads = args.torch_threads if args.torch_threads is not None else physical_cores()
-    _check_positive("--torch-threads", threads)
+    names = list(CONFIGS) if args.configs is None else args.configs
+    configs = [replace(CONFIGS[name], steps=steps[name]) if name in steps
+               else scaled(CONFIGS[name], scale) for name in names]
+    return {
+        "configs": configs, "cells": args.cells,
+        "implementations": args.implementations or [
+            name for name in IMPLEMENTATIONS if name != "torch-cudnn" or args.device == "cuda"],
+        "repeats": repeats, "warmup": warmup, "device": args.device, "dtype": args.dtype,
+        "seed": args.seed, "matmul_size": 1024 if quick else 2048,
+        "memory_steps": memory_steps,
+        "full_steps": {config.name: CONFIGS[config.name].steps for config in configs},
+        "compile_allow_rnn": args.compile_allow_rnn,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """`tbptt bench`: runs the suite as the options say, writes the JSON and the report."""
+    from benchmarks import report
+
+    try:
+        options = _options(args)
+        threads = args.torch_threads if args.torch_threads is not None else physical_cores()
+        _check_positive("--torch-threads", threads)
+    except ValueError as error:
+        print(f"tbptt bench: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(threads)
     jax.config.update("jax_default_device", jax.devices(args.device if args.device == "cpu"
                                                         else "gpu")[0])
     pin_precision()
-
-    names = list(CONFIGS) if args.configs is None else args.configs
-    configs = [replace(CONFIGS[name], steps=steps[name]) if name in steps
-               else scaled(CONFIGS[name], scale) for name in names]
-    implementations = args.implementations or [
-        name for name in IMPLEMENTATIONS if name != "torch-cudnn" or args.device == "cuda"]
-    name = args.name or (f"{args.device}{'-quick' if quick else ''}"
+    name = args.name or (f"{args.device}{'-quick' if args.quick else ''}"
                          + ("" if args.dtype == "float32" else f"-{args.dtype}"))
-    results = run_suite(
-        configs, args.cells, implementations, repeats=repeats, warmup=warmup,
-        device=args.device, dtype=args.dtype, seed=args.seed,
-        matmul_size=1024 if quick else 2048, memory_steps=memory_steps,
-        full_steps={config.name: CONFIGS[config.name].steps for config in configs},
-        compile_allow_rnn=args.compile_allow_rnn,
-        command=sys.argv, log=lambda line: print(line, file=sys.stderr, flush=True))
+    results = run_suite(**options, command=sys.argv,
+                        log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.scaling:
         results["scaling"] = _scaling(args.out or RESULTS_DIR)
     out_dir = args.out or RESULTS_DIR
