@@ -184,3 +184,30 @@ def test_memory_child_reports_its_own_peak():
     assert result["peak_rss_bytes"] >= max(rss for _, rss in result["rss_samples"])
     # ru_maxrss would carry this process's peak over into the child; VmHWM does not.
     assert result["peak_rss_bytes"] < parent_rss - ballast.nbytes // 2
+
+
+def test_bench_options_defaults_quick_and_errors(capsys):
+    import argparse
+
+    from tbptt.commands import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    options = suite._options(parser.parse_args([]))
+    assert {c.name: c.steps for c in options["configs"]} == {
+        "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175}
+    assert options["implementations"] == ["jax", "torch-hand", "torch-fused", "torch-ignite",
+                                          "torch-compile"]
+    assert (options["repeats"], options["warmup"], options["memory_steps"]) == \
+        (5, 1, (10_000, 100_000))
+    assert options["full_steps"]["L"] == 1000
+
+    quick = suite._options(parser.parse_args(["--quick", "--steps", "M=150"]))
+    assert {c.name: c.steps for c in quick["configs"]} == {
+        "S": 200, "M": 150, "M-k2": 100, "L": 100, "char-rnn": 100, "word-LM": 70}
+    assert (quick["repeats"], quick["memory_steps"], quick["matmul_size"]) == \
+        (3, (1000, 10_000), 1024)
+    assert suite._options(parser.parse_args(["--configs", "--no-memory"]))["configs"] == []
+
+    assert suite.run(parser.parse_args(["--memory-steps", "100", "50"])) == 2
+    assert "--memory-steps: expected 0 < SHORT < LONG, got (100, 50)" in capsys.readouterr().err
