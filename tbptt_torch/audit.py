@@ -21,6 +21,7 @@ import contextlib
 import copy
 import inspect
 import math
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,14 +175,18 @@ class AuditVerdict:
             lines.append(f"implements {self.implements}, the per-step loss "
                          f"{'averaged' if self.implements.batch == 'mean' else 'summed'} "
                          f"over the batch")
-        lines += [f"note       {note}" for note in self.notes]
+        lines += [textwrap.fill(note, width=100, initial_indent="note       ",
+                                subsequent_indent=" " * 11, break_on_hyphens=False)
+                  for note in self.notes]
         if self.correct:
             lines.append(f"verdict    CORRECT: the same {len(self.updates)} updates after the "
                          f"same steps as the reference, gradients within "
                          f"{self.max_gradient_difference:.1e} (tolerance {RTOL:.0e})")
         else:
             lines.append("verdict    WRONG")
-            lines += [f"  - {finding}" for finding in self.findings]
+            lines += [textwrap.fill(str(finding), width=100, initial_indent="  - ",
+                                    subsequent_indent="    ", break_on_hyphens=False)
+                      for finding in self.findings]
         return "\n".join(lines)
 
 
@@ -812,7 +817,7 @@ class _Analysis:
                 setup: str) -> AuditVerdict:
         target = self._reference_semantics()
         max_diff, planned = None, 0
-        if target is not None and self.error is None:
+        if target is not None:
             expected = reference(target)
             planned = len(expected)
             diffs = []
@@ -841,7 +846,7 @@ class _Analysis:
             intended={"k1": self.k1, "k2": self.k2, "reduction": self.reduction,
                       "tail": self.tail},
             findings=tuple(self.findings.values()), updates=tuple(self.updates),
-            reference=target if self.error is None else None, max_gradient_difference=max_diff,
+            reference=target, max_gradient_difference=max_diff,
             error=None if self.error is None else f"{type(self.error).__name__}: {self.error}",
             setup=setup, planned_updates=planned, notes=tuple(self.notes))
 
