@@ -12,6 +12,7 @@ tests in the pytest process with one.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tbptt_jax import OverlapCarry, losses, models, sharding, tbptt_train_step
+from tbptt_jax import OverlapCarry, checkpoint, losses, models, sharding, tbptt_train_step
 from tbptt_jax._trainer import _train
 
 BATCH = 8  # divisible by 4 devices and by 2 processes x 2 devices
@@ -45,9 +46,12 @@ def data(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xs, ys, resets
 
 
-def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = False
-          ) -> dict[str, Any]:
+def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = False,
+          checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Trains one case; on `mesh` data parallel (each process feeding its rows if `local`).
+
+    With `checkpoint_dir`, the sharded run is saved after its second call and goes on from
+    what is restored (`save_and_restore`), as a run resumed after a stop would.
 
     Returns the losses of the 20 updates, the final parameters and the final carry (its
     whole batch, gathered from every process), as numpy, and, on a mesh, what the
@@ -73,7 +77,10 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
 
     step_losses, compiles = [], []
     bounds = np.cumsum((0, *CALL_STEPS))
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+    for call, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if call == 2 and checkpoint_dir is not None:
+            params, opt_state, carry = save_and_restore(checkpoint_dir, mesh, params,
+                                                        opt_state, carry)
         steps = slice(start, stop)
         batch = xs[steps, rows], ys[steps, rows], resets[steps, rows]
         if mesh is not None:
@@ -100,6 +107,29 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
         result["specs"] = specs
         result["compiles"] = compiles
     return result
+
+
+def save_and_restore(directory: Path, mesh: jax.sharding.Mesh, params: Any, opt_state: Any,
+                     carry: Any) -> tuple[Any, Any, Any]:
+    """Checkpoints a sharded run and restores it, placed on the mesh again, as docs/distributed.md
+    shows: with `tbptt_jax.checkpoint` in one process, with orbax's sharded save (every
+    process writes and reads its own shards) in several."""
+    if jax.process_count() == 1:
+        saved = checkpoint.TrainState(params, opt_state, carry, position=2)
+        checkpoint.save(directory, 2, saved)
+        restored = checkpoint.restore(directory, checkpoint.TrainState(params, opt_state))
+        return sharding.shard_state(mesh, restored.params, restored.opt_state, restored.carry)
+
+    import orbax.checkpoint as ocp
+
+    state = {"params": params, "opt_state": opt_state, "carry": carry}
+    path = Path(directory).absolute() / "2"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path, state)
+    like = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # shapes, dtypes, shardings
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path, like)
+    return restored["params"], restored["opt_state"], restored["carry"]
 
 
 def _gather(tree: Any) -> Any:

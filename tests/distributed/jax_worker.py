@@ -6,8 +6,9 @@
 The number of CPU devices must be set before jax is imported, which is why this runs as
 a subprocess of the tests. With several processes, each joins the others through
 `jax.distributed.initialize` (CPU collectives over gloo) and feeds only its own rows of
-the batch. Each process writes `OUT/process<i>.pkl`: per case, what
-`jax_cases.train` returns, and the error that a batch of 6 sequences meets.
+the batch. Every run is checkpointed after its second call and resumed from what is
+restored (under `OUT/checkpoints/`). Each process writes `OUT/process<i>.pkl`: per case,
+what `jax_cases.train` returns, and the error that a batch of 6 sequences meets.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main() -> int:
 
     mesh = sharding.data_mesh()
     names = list(jax_cases.CASES) if args.cases is None else args.cases.split(";")
-    results = {name: jax_cases.train(name, mesh, local=args.num_processes > 1)
+    results = {name: jax_cases.train(name, mesh, local=args.num_processes > 1,
+                                     checkpoint_dir=args.out / "checkpoints" / name)
                for name in names}
     try:
         sharding.shard_batch(mesh, *[np.zeros((2, 6, 1))] * 2)
