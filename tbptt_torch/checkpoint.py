@@ -294,11 +294,12 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    # Generator states are CPU byte tensors, wherever map_location put the rest.
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         # A run resumed on fewer GPUs sets the generators of the GPUs it has.
         for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
     random.setstate(state["python"])
     name, keys, index, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), index, has_gauss, gauss))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), index, has_gauss, gauss))
