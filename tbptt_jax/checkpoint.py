@@ -77,7 +77,8 @@ def all_steps(directory: str | Path) -> list[int]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.is_dir() and p.name.isascii() and p.name.isdigit())
 
 
 def latest_step(directory: str | Path) -> int | None:
@@ -142,7 +143,12 @@ def save(directory: str | Path, step: int, state: TrainState, *,
     _fsync(directory)
     if max_to_keep is not None:
         for old in all_steps(directory)[:-max_to_keep]:
-            shutil.rmtree(directory / str(old))
+            # Out of the list of steps at once, so a kill mid-delete leaves no torn step.
+            doomed = directory / f"{old}{PARTIAL_SUFFIX}"
+            if doomed.exists():
+                shutil.rmtree(doomed)
+            os.replace(directory / str(old), doomed)
+            shutil.rmtree(doomed)
     return final
 
 
@@ -285,6 +291,8 @@ def _file_sha256(path: Path) -> str:
 
 
 def _fsync(path: Path) -> None:
+    if path.is_dir() and os.name != "posix":  # only POSIX can open a directory to sync it
+        return
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
