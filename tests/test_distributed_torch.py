@@ -8,7 +8,9 @@ on the whole batch. Agreement is to 1e-5 (float32) and 1e-10 (float64) relative 
 tensor's largest magnitude. The cases cover k2 = k1 and k2 > k1 with resets, both
 reductions (the "sum" one through `data_parallel`'s summing hook), DDP's `static_graph`
 and `find_unused_parameters`, and plain DDP under "sum", which trains as the whole batch
-with the learning rate halved.
+with the learning rate halved. Each rank checkpoints after the second call
+(`tbptt_torch.checkpoint`, a file per rank) and the run goes on in a fresh model restored
+from it, as docs/distributed.md shows.
 """
 
 from __future__ import annotations
@@ -70,8 +72,12 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     results = []
     for rank in range(WORLD_SIZE):
         with open(out / f"rank{rank}.pkl", "rb") as file:
-            results.append(pickle.load(file))
+            results.append({**pickle.load(file), "out": out})
     return results
+
+
+def ranks_dir(ranks: list[dict[str, Any]]) -> Path:
+    return ranks[0]["out"]
 
 
 @pytest.mark.parametrize("case", list(torch_cases.CASES))
@@ -91,6 +97,8 @@ def test_two_ranks_match_one_process(ranks: list[dict[str, Any]], case: str) -> 
                   for i, (mine, whole) in enumerate(zip(got["carry"], expected["carry"],
                                                         strict=True))]
         assert len(got["loss"]) == 20
+        # The run went on from this rank's checkpoint, in a model restored from it.
+        assert (ranks_dir(ranks) / "checkpoints" / case / f"rank{rank}.pt").is_file()
         for what, actual, wanted in pairs:
             assert actual.shape == wanted.shape, what
             error = np.max(np.abs(actual - wanted)) / np.max(np.abs(wanted))

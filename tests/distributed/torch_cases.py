@@ -3,18 +3,20 @@
 Each case trains an LSTM for 20 updates: a stream of four calls of 5 updates, each rank
 keeping its own carry (an `OverlapCarry` when k2 > k1) for its own rows from one call to
 the next, with resets in every call. `train` runs a case in one process on the whole
-batch (`world_size=1`, the reference) or on this rank's rows under DDP; the worker script
-runs it under `torchrun`, the tests in the pytest process.
+batch (`world_size=1`, the reference) or on this rank's rows under DDP, checkpointed and
+resumed mid-stream; the worker script runs it under `torchrun`, the tests in the pytest
+process.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tbptt_torch import distributed, losses, models, tbptt_train_step
+from tbptt_torch import checkpoint, distributed, losses, models, tbptt_train_step
 
 BATCH = 8
 CALL_STEPS = (20, 20, 20, 20)
@@ -48,31 +50,54 @@ def data(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xs, ys, resets
 
 
-def train(case: str, world_size: int = 1, *, learning_rate_scale: float = 1.0
-          ) -> dict[str, Any]:
+def build(case: str, world_size: int, *, learning_rate_scale: float = 1.0, seed: int = 0
+          ) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
+    """(model, the model as trained: DDP-wrapped when world_size > 1, optimizer)."""
+    config = CASES[case]
+    torch.manual_seed(seed)
+    model = models.LSTMModel(INPUT, HIDDEN, OUTPUT).to(getattr(torch, config["dtype"]))
+    learning_rate = 1e-2 * learning_rate_scale
+    # Over the model's own parameters, which DDP trains in place (it wraps, never copies).
+    optimizer = (torch.optim.SGD(model.parameters(), lr=learning_rate) if config.get("sgd")
+                 else torch.optim.Adam(model.parameters(), lr=learning_rate))
+    return model, wrap(case, model, world_size), optimizer
+
+
+def wrap(case: str, model: torch.nn.Module, world_size: int) -> torch.nn.Module:
+    config = CASES[case]
+    if world_size == 1:
+        return model
+    options = config.get("ddp", {})
+    if config.get("plain_ddp"):
+        return torch.nn.parallel.DistributedDataParallel(model, **options)
+    return distributed.data_parallel(model, reduction=config["reduction"], **options)
+
+
+def train(case: str, world_size: int = 1, *, learning_rate_scale: float = 1.0,
+          checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Trains one case, under DDP on this rank's rows when `world_size > 1`.
+
+    With `checkpoint_dir`, each rank saves its state (`tbptt_torch.checkpoint`, one file per
+    rank: the same weights, its own carry) after the second call, and the run goes on in a
+    fresh model and optimizer (other initial weights) restored from it, wrapped anew.
 
     Returns the full batch's losses of the 20 updates (reduced over ranks), the final
     parameters and this process's rows of the final carry, as numpy.
     """
     config = CASES[case]
-    dtype = getattr(torch, config["dtype"])
-    torch.manual_seed(0)
-    model = models.LSTMModel(INPUT, HIDDEN, OUTPUT).to(dtype)
+    model, trained, optimizer = build(case, world_size, learning_rate_scale=learning_rate_scale)
     rows = distributed.rank_rows(BATCH) if world_size > 1 else slice(None)
-    trained = model
-    if world_size > 1:
-        options = config.get("ddp", {})
-        trained = (torch.nn.parallel.DistributedDataParallel(model, **options)
-                   if config.get("plain_ddp") else
-                   distributed.data_parallel(model, reduction=config["reduction"], **options))
-    learning_rate = 1e-2 * learning_rate_scale
-    optimizer = (torch.optim.SGD(trained.parameters(), lr=learning_rate) if config.get("sgd")
-                 else torch.optim.Adam(trained.parameters(), lr=learning_rate))
     xs, ys, resets = (torch.from_numpy(array[:, rows].copy()) for array in data(config["dtype"]))
 
     carry, step_losses, start = None, [], 0
-    for steps in CALL_STEPS:
+    for call, steps in enumerate(CALL_STEPS):
+        if call == 2 and checkpoint_dir is not None:
+            path = Path(checkpoint_dir) / f"rank{torch.distributed.get_rank()}.pt"
+            checkpoint.save(path, model=model, optimizer=optimizer, carry=carry, position=call)
+            model, _, optimizer = build(case, 1, learning_rate_scale=learning_rate_scale,
+                                        seed=1)
+            carry = checkpoint.restore(path, model=model, optimizer=optimizer).carry
+            trained = wrap(case, model, world_size)
         window = slice(start, start + steps)
         carry, call_losses = tbptt_train_step(
             trained, optimizer, carry, xs[window], ys[window], resets=resets[window],

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node 2 torch_worker.py OUT
 
 Each rank joins the job (gloo, from the environment torchrun sets), trains every case of
-`torch_cases.CASES` on its own rows of the batch, and writes `OUT/rank<r>.pkl`: per case,
-what `torch_cases.train` returns.
+`torch_cases.CASES` on its own rows of the batch (checkpointed after the second call under
+`OUT/checkpoints/` and resumed from it), and writes `OUT/rank<r>.pkl`: per case, what
+`torch_cases.train` returns.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def main() -> int:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    results = {name: torch_cases.train(name, dist.get_world_size())
+    results = {name: torch_cases.train(name, dist.get_world_size(),
+                                       checkpoint_dir=out / "checkpoints" / name)
                for name in torch_cases.CASES}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"rank{dist.get_rank()}.pkl", "wb") as file:
