@@ -737,8 +737,8 @@ class _Analysis:
             too_long = {t: r for t, r in reach.items() if r < want.window_start}
             for kind, wrong, word in (("truncation_too_short", too_short, "only"),
                                       ("truncation_too_long", too_long, "")):
-                if wrong:
-                    t = min(wrong)
+                if wrong:  # the loss step where the window is furthest off
+                    t = max(sorted(wrong), key=lambda t: abs(wrong[t] - want.window_start))
                     self.add(kind,
                              f"the gradient of the loss at step {t} reaches back {word} to "
                              f"step {wrong[t]}".replace("  ", " ") +
@@ -794,8 +794,6 @@ class _Analysis:
             return
         u = next(i for i, (m, _) in enumerate(self._weights, 1) if m > 1)
         n, weight = self._weights[u - 1]
-        batch = fits[0][1]
-        per_batch = 1.0 if batch == "sum" else 1.0 / self.B
         sequences = f"{self.B} sequences"
         if self.reduction == "mean":
             mean = 1.0 / (n * self.B)
@@ -806,9 +804,9 @@ class _Analysis:
                        f"number of terms, or use nn.MSELoss() on the chunk)")
         else:
             message = (f"the loss is averaged over the steps of each update where a sum was "
-                       f"intended: each loss term of update {u} weighs {weight:.6g}, in a sum "
-                       f"over its {n} steps one weighs {per_batch:.6g}, so its gradient is "
-                       f"1/{per_batch / weight:.6g} of the sum's")
+                       f"intended: each loss term of update {u} weighs {weight:.6g}, in the sum "
+                       f"over its {n} steps and {sequences} one weighs 1, so its gradient is "
+                       f"1/{1 / weight:.6g} of the sum's")
         self.add("wrong_reduction", message, u)
 
     # -- the numbers ----------------------------------------------------------------------
