@@ -496,3 +496,29 @@ def test_the_manifest_is_plain_json_a_person_can_read(tmp_path):
     assert records["opt_state[1][0].count"]["dtype"] == "int32"
     assert records["rng['typed']"]["dtype"] == "key<fry>"
     assert records["carry.resets"]["shape"] == [OVERLAP, BATCH]
+
+
+def test_tbptt_jax_imports_without_orbax_and_save_says_what_to_install(tmp_path):
+    source = f"""
+import importlib.abc, sys
+
+class NoOrbax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "orbax":
+            raise ImportError("orbax is blocked for this test")
+
+sys.meta_path.insert(0, NoOrbax())
+import numpy as np
+import tbptt_jax
+from tbptt_jax import checkpoint
+try:
+    checkpoint.save({str(tmp_path)!r}, 1, checkpoint.TrainState({{"w": np.ones(2)}}, ()))
+except ImportError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-W", "error", "-c", source], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("tbptt_jax.checkpoint needs orbax-checkpoint: "
+                                     "pip install 'tbptt[checkpoint]'")
+    assert list(tmp_path.iterdir()) == []
