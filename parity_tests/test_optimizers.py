@@ -48,9 +48,10 @@ from tbptt_torch import losses as torch_losses
 
 RTOL64, RTOL32 = 1e-10, 1e-5
 UPDATES, K1, BATCH, INPUTS, HIDDEN, OUTPUTS = 50, 2, 3, 3, 6, 2
-# Global gradient norms of the LSTM runs lie between 0.04 and 0.45: about half the updates
-# are clipped (asserted by `test_clipping_is_active_on_some_updates_only`).
-MAX_NORM = 0.15
+# Unclipped, the global gradient norms of these runs range from 0.02 to 1.2, with medians
+# of 0.27 to 0.46 over the cells and depths: this clips part of the updates, not all (each
+# clipped case asserts it).
+MAX_NORM = 0.3
 WEIGHT_DECAY = 1e-2
 WARMUP, COSINE_STEPS = 10, 40
 
@@ -155,7 +156,8 @@ ROWS: dict[str, OptimizerPair] = {
 # Rows the default run checks with clipping too (every row is clipped under -m slow), and
 # rows it leaves to -m slow altogether (their schedules are proven rate by rate below).
 CLIPPED_BY_DEFAULT = ("nesterov", "adamw", "rmsprop")
-SLOW_ONLY = ("adam-constant", "sgd-cosine-periodic")
+SLOW_ONLY = ("momentum", "adam-l2", "rmsprop-momentum", "adagrad", "adam-constant",
+             "adam-warmup", "sgd-cosine", "sgd-cosine-periodic")
 
 
 class Models(NamedTuple):
@@ -187,10 +189,12 @@ def _torch_clipped(grads: dict[str, np.ndarray], max_norm: float) -> dict[str, n
 
 def run_pair(models: Models, jax_optimizer: optax.GradientTransformation,
              torch_optimizer: Callable[[Any], torch.optim.Optimizer],
-             clip: float | None = None) -> tuple[Trajectory, Trajectory]:
+             clip: float | None = None, clip_jax_grads: bool = True
+             ) -> tuple[Trajectory, Trajectory]:
     """(JAX, torch) trajectories of 50 updates from the same weights; with `clip`, torch's
     trainer clips by `clip_grad_norm=clip` and JAX runs `jax_optimizer` as given (put the
-    clipping in it). The JAX gradients are then reported clipped as torch's are."""
+    clipping in it). The JAX gradients are then reported clipped as torch's are, unless
+    `clip_jax_grads` is False."""
     triple = models.triple
     torch_model = copy.deepcopy(triple.torch_model)
     jax_run = run_jax(triple.params, triple.jax_model.initial_carry(BATCH, models.xs.dtype),
@@ -199,7 +203,7 @@ def run_pair(models: Models, jax_optimizer: optax.GradientTransformation,
     torch_run = run_torch(torch_model, torch_optimizer(torch_model.parameters()), None,
                           models.xs, models.ys, loss_fn=torch_losses.mse, k1=K1,
                           clip_grad_norm=clip)
-    if clip is not None:
+    if clip is not None and clip_jax_grads:
         jax_run = jax_run._replace(grads=_torch_clipped(jax_run.grads, clip))
     return jax_run, torch_run
 
@@ -238,7 +242,7 @@ def test_float64_parity_over_50_updates(cell, num_layers, row, clip):
 
 
 FLOAT32_ROWS = ("momentum", "adamw", "rmsprop-centered", "adagrad", "adam-warmup-cosine")
-FLOAT32_DEFAULT = (("momentum", False), ("adam-warmup-cosine", False), ("adamw", True))
+FLOAT32_DEFAULT = (("momentum", False), ("adamw", True))
 
 
 @pytest.mark.parametrize("row, clip", [
@@ -353,9 +357,9 @@ def test_optax_clip_by_global_norm_divides_by_the_norm_alone():
     1 + 1e-6 / norm, and the trajectories part from there."""
     models = _models("lstm", 2)
     plain = optax.chain(optax.clip_by_global_norm(MAX_NORM), ROWS["sgd"].optax)
-    jax_run, torch_run = run_pair(models, plain, ROWS["sgd"].torch, clip=MAX_NORM)
-    raw, _ = run_pair(models, ROWS["sgd"].optax, ROWS["sgd"].torch)
-    norms = _norms(raw.grads)
+    jax_run, torch_run = run_pair(models, plain, ROWS["sgd"].torch, clip=MAX_NORM,
+                                  clip_jax_grads=False)
+    norms = _norms(jax_run.grads)  # before clipping
     first = int(np.argmax(norms > MAX_NORM))
     assert_parity(_head(jax_run, first), _head(torch_run, first), RTOL64)
     factor = 1 + 1e-6 / norms[first]
@@ -443,7 +447,7 @@ def test_optax_linear_schedule_runs_in_float32():
     torch_lr = torch_rates(SCHEDULE_ROWS["linear-warmup"][1], 20)
     gaps = np.abs(rates / torch_lr - 1)
     assert 1e-8 < np.max(gaps) < 1e-6  # float32 arithmetic: a few float32 roundings
-    assert np.all(gaps[WARMUP:] == 0)  # the end value is returned as given
+    np.testing.assert_array_equal(rates[WARMUP:], np.float32(0.01))  # the end too
     models = _models("lstm", 2)
     jax_run, torch_run = run_pair(models, optax.adam(plain), ROWS["adam-warmup"].torch)
     for key, initial in models.triple.params.items():
@@ -452,3 +456,59 @@ def test_optax_linear_schedule_runs_in_float32():
                                    * rates[0] / torch_lr[0], rtol=1e-12, atol=2e-16,
                                    err_msg=key)
     assert 1e-10 < compare(jax_run, torch_run)["param"] < 1e-5
+
+
+def report() -> str:
+    """The measured gaps of docs/optimizers.md as Markdown: every row on the two-layer LSTM
+    (float64, plain and clipped; float32), then each by-design difference run as plain optax.
+    `python -m parity_tests.test_optimizers` prints it."""
+    lines = ["| row | float64 loss / grad / param | clipped float64 param | float32 param |",
+             "|---|---|---|---|"]
+    models64, models32 = _models("lstm", 2), _models("lstm", 2, np.float32)
+    for row in ROWS:
+        plain = compare(*run_row(models64, row, False))
+        clipped = compare(*run_row(models64, row, True))
+        single = compare(*run_row(models32, row, False), scale="trajectory")
+        lines.append(f"| {row} | {plain['loss']:.1e} / {plain['grad']:.1e} / "
+                     f"{plain['param']:.1e} | {clipped['param']:.1e} | {single['param']:.1e} |")
+    schedule = optax.linear_schedule(0.0001, 0.001, transition_steps=WARMUP)
+    differences = {
+        "optax.clip_by_global_norm(0.3) + sgd vs clip_grad_norm=0.3": (
+            optax.chain(optax.clip_by_global_norm(MAX_NORM), ROWS["sgd"].optax),
+            ROWS["sgd"].torch, MAX_NORM),
+        "optax.rmsprop(eps_in_sqrt=True) vs RMSprop": (
+            optax.rmsprop(0.003, decay=0.99, eps=1e-8), ROWS["rmsprop"].torch, None),
+        "optax.rmsprop defaults (decay 0.9) vs RMSprop defaults (alpha 0.99)": (
+            optax.rmsprop(0.003), ROWS["rmsprop"].torch, None),
+        "optax.adagrad defaults vs Adagrad defaults": (
+            optax.adagrad(0.05), ROWS["adagrad"].torch, None),
+        "optax.adagrad(initial 0, eps 1e-10) vs Adagrad": (
+            optax.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-10),
+            ROWS["adagrad"].torch, None),
+        "optax.rmsprop(schedule, momentum=0.9) vs RMSprop + LinearLR": (
+            optax.rmsprop(optim.float_count(schedule), decay=0.99, eps=1e-8,
+                          eps_in_sqrt=False, momentum=0.9),
+            ROWS["rmsprop-momentum-warmup"].torch, None),
+        "optax.adam(linear_schedule) (float32 rates) vs Adam + LinearLR": (
+            optax.adam(optax.linear_schedule(0.001, 0.01, transition_steps=WARMUP)),
+            ROWS["adam-warmup"].torch, None),
+        "optax.sgd(cosine_decay_schedule(T=20)) vs SGD + CosineAnnealingLR(T_max=20)": (
+            optax.sgd(optax.cosine_decay_schedule(0.1, decay_steps=20, alpha=0.01)),
+            ROWS["sgd-cosine-periodic"].torch, None),
+        "optax.adamw defaults (weight_decay 1e-4) vs AdamW defaults (1e-2)": (
+            optax.adamw(0.01), lambda ps: torch.optim.AdamW(ps, lr=0.01), None),
+    }
+    lines += ["", "| plain optax vs torch | loss | param |", "|---|---|---|"]
+    for name, (jax_optimizer, torch_optimizer, clip) in differences.items():
+        gaps = compare(*run_pair(models64, jax_optimizer, torch_optimizer, clip,
+                                 clip_jax_grads=False))
+        lines.append(f"| {name} | {gaps['loss']:.1e} | {gaps['param']:.1e} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    torch.set_num_threads(1)
+    print(report())
