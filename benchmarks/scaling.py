@@ -209,6 +209,7 @@ def run(out_dir: str | Path = ROOT / "benchmarks" / "results", *,
     counts = list(devices) if devices else default_device_counts(accelerators)
     machine_name = "cuda" if accelerators else "cpu"
     results: dict[str, Any] = {
+        "tbptt": _git_describe(),
         "machine": {"name": machine_name, "platform": platform.platform(),
                     "logical_cores": os.cpu_count(), "gpus": accelerators, "gpu": gpu,
                     "load_average_before": os.getloadavg()},
@@ -232,6 +233,16 @@ def run(out_dir: str | Path = ROOT / "benchmarks" / "results", *,
     (out_dir / f"scaling-{machine_name}.json").write_text(json.dumps(results, indent=1))
     (out_dir / f"scaling-{machine_name}.md").write_text(render(results))
     return results
+
+
+def _git_describe() -> str | None:
+    """The commit measured, with "-dirty" when the working tree had changes."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
 
 
 def _note(accelerators: int) -> str:
@@ -258,7 +269,7 @@ def render(results: dict[str, Any]) -> str:
         f"{config['per_device_batch']} sequences per device (weak scaling); median of "
         f"{config['repeats']} calls after one warm-up. Load average before / after: "
         f"{_load(results['machine']['load_average_before'])} / "
-        f"{_load(results['machine']['load_average_after'])}.",
+        f"{_load(results['machine']['load_average_after'])}. Code: `{results['tbptt']}`.",
         "",
         "| framework | devices | device | batch | time per call | sequence-steps/s | "
         "speed-up | efficiency |",
