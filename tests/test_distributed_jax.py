@@ -9,7 +9,8 @@ updates, resets in every call, k2 = k1 and k2 > k1. Each sharded run is checkpoi
 after its second call and resumed from the restored state (`tbptt_jax.checkpoint` on one
 process, orbax's sharded save on two), so the match also proves the checkpoint route of
 docs/distributed.md. Agreement is to 1e-5 (float32) and 1e-10 (float64) relative to each
-tensor's largest magnitude, as in the parity tests.
+tensor's largest magnitude, as in the parity tests. The compiled 4-device program must
+all-reduce the gradient and gather no activations across devices.
 """
 
 from __future__ import annotations
@@ -67,11 +68,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_workers(out: Path, case: str, *, devices: int, processes: int) -> list[dict[str, Any]]:
+def run_workers(out: Path, case: str, *, devices: int, processes: int,
+                xla_flags: str | None = None) -> list[dict[str, Any]]:
     """Runs the worker in `processes` processes of `devices` CPU devices; their results."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)  # a forced device count there would override the worker's
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
     port = free_port()
     workers = []
     for process in range(processes):
@@ -128,9 +132,30 @@ def assert_data_parallel(got: dict[str, Any]) -> None:
     assert got["compiles"] == [got["compiles"][0]] * len(got["compiles"])
 
 
+def assert_no_gathered_activations(dump: Path) -> None:
+    """The compiled data-parallel program all-reduces the gradient and gathers nothing.
+
+    An all-gather there means some step (typically a reshape of `[T, B, ...]` into
+    `[T * B, ...]` before a weight-gradient product: XLA cannot keep the merged axis split)
+    copies the whole batch's activations to every device, and every device then computes
+    the whole batch's product. Contracting over T and B without the reshape
+    (`jnp.einsum("tbg,tbh->gh", ...)`) leaves each device its share and one all-reduce.
+    """
+    programs = sorted(dump.glob("*jit__train*cpu_after_optimizations.txt"))
+    assert programs, f"XLA wrote no optimized program of _train under {dump}"
+    for program in programs:
+        text = program.read_text()
+        gathers = [line.strip()[:160] for line in text.splitlines() if "all-gather(" in line]
+        assert not gathers, f"{program.name} gathers across devices:\n" + "\n".join(gathers)
+        assert "all-reduce(" in text
+
+
 @pytest.mark.parametrize("case", FOUR_DEVICES)
 def test_four_devices_match_one(tmp_path: Path, case: str) -> None:
-    (result,) = run_workers(tmp_path, case, devices=4, processes=1)
+    dump = tmp_path / "xla"
+    (result,) = run_workers(tmp_path, case, devices=4, processes=1, xla_flags=(
+        f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit__train"))
+    assert_no_gathered_activations(dump)
     assert result["devices"] == 4
     assert result["uneven batch"] == (
         "xs: the batch size must be a multiple of the 4 devices on the mesh axis 'data' (each "
