@@ -829,10 +829,14 @@ class _Analysis:
                 max_diff = max(diffs)
             first_bad = next((u for u, d in enumerate(diffs, 1) if d > RTOL), None)
             if first_bad is not None and not self.findings:
+                cause = ("" if first_bad == 1 else
+                         f"; the gradients before it matched, so the weights update "
+                         f"{first_bad} starts from differ: does the loop change the learning "
+                         f"rate, the optimizer or the weights between updates?")
                 self.add("gradients_differ",
                          f"the gradient of update {first_bad} differs from the reference's by "
                          f"{diffs[first_bad - 1]:.1e} (relative) though every step, window and "
-                         f"weight the audit measures is as intended", first_bad)
+                         f"weight the audit measures is as intended{cause}", first_bad)
             elif first_bad is not None:
                 self.notes.append(f"against the reference the gradients first differ at "
                                   f"update {first_bad} ({diffs[first_bad - 1]:.1e} relative)")

@@ -400,3 +400,63 @@ def test_exported_from_the_package():
 
     assert tbptt_torch.audit is audit
     assert tbptt_torch.AuditVerdict is AuditVerdict
+
+
+def late_handoff_loop(model, optimizer, xs, ys, k, k2):
+    """The overlapping loop handing on the state at the window's end, not at the next start."""
+    T, overlap = xs.shape[0], k2 - k
+    start_state = None
+    for a in range(0, T, k):
+        b, s = min(a + k, T), max(0, a - overlap)
+        optimizer.zero_grad()
+        h, loss = start_state, 0
+        for t in range(s, b):
+            out, h = model(xs[t], h)
+            if t >= a:
+                loss = loss + F.mse_loss(out, ys[t])
+        (loss / (b - a)).backward()
+        optimizer.step()
+        start_state = h[0].detach(), h[1].detach()  # the state after step b - 1
+
+
+def forgets_step_loop(model, optimizer, xs, ys, k):
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        h = h[0].detach(), h[1].detach()
+
+
+def lr_schedule_loop(model, optimizer, xs, ys, k):
+    """Correct TBPTT, but the loop changes the learning rate after the first update."""
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        optimizer.step()
+        optimizer.param_groups[0]["lr"] = 0.2
+        h = h[0].detach(), h[1].detach()
+
+
+def test_carry_handed_on_from_the_wrong_step():
+    verdict = audit(late_handoff_loop, k2=7)
+    found = finding(verdict, "wrong_handoff")
+    assert (found.update, found.step) == (2, 1)
+    assert "after step 3, not the state at step 1" in found.message
+
+
+def test_a_loop_that_never_steps():
+    verdict = audit(forgets_step_loop)
+    assert verdict.kinds == ("no_update",)
+    assert verdict.findings[0].message == "the loop never called optimizer.step()"
+
+
+def test_gradients_differ_with_everything_else_as_intended():
+    verdict = audit(lr_schedule_loop)
+    assert verdict.kinds == ("gradients_differ",)
+    # Update 2 still starts from the reference's weights; its larger step shows at update 3.
+    assert verdict.findings[0].update == 3
+    assert max(u.gradient_difference for u in verdict.updates[:2]) < RTOL
+    assert "does the loop change the learning rate" in verdict.findings[0].message
