@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import math
 import textwrap
@@ -98,7 +99,8 @@ class Tbptt:
 class Finding:
     """One thing the loop does differently from the intended TBPTT.
 
-    `update` is the 1-based update (step() call) where it first shows, `step` the 0-based
+    `update` is the 1-based update where it first shows (for a finding about the order of
+    calls, the n-th step() call, counting those that applied nothing), `step` the 0-based
     time step of `xs` where it shows; either is None where it does not apply.
     """
 
@@ -414,11 +416,16 @@ class _Analysis:
 
     def reach(self, index: int) -> int:
         """The earliest time step the gradient of forward `index`'s outputs reaches."""
-        if index not in self._reach:
-            forward = self.rec.forwards[index]
-            carry = forward.carry_in
-            attached = carry.kind == "attached" and carry.source is not None
-            self._reach[index] = self.reach(carry.source) if attached else forward.lo
+        chain = []  # iterative: an undetached per-step loop links a chain T calls long
+        while index not in self._reach:
+            carry = self.rec.forwards[index].carry_in
+            if carry.kind == "attached" and carry.source is not None:
+                chain.append(index)
+                index = carry.source
+            else:
+                self._reach[index] = self.rec.forwards[index].lo
+        for linked in chain:
+            self._reach[linked] = self._reach[index]
         return self._reach[index]
 
     def run(self) -> None:
@@ -823,8 +830,7 @@ class _Analysis:
                     zip(self.updates, self.applied, expected, strict=False), start=1):
                 diff = _relative(step.grads, grads)
                 diffs.append(diff)
-                self.updates[u - 1] = ObservedUpdate(**{**obs.__dict__,
-                                                        "gradient_difference": diff})
+                self.updates[u - 1] = dataclasses.replace(obs, gradient_difference=diff)
             if diffs:
                 max_diff = max(diffs)
             first_bad = next((u for u, d in enumerate(diffs, 1) if d > RTOL), None)
