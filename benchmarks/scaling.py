@@ -253,7 +253,10 @@ def _note(accelerators: int) -> str:
     return (f"CPU only, {cores} logical cores: JAX's devices are XLA virtual CPU devices and "
             f"torch's ranks are 1-thread processes, all on the same {cores} cores. These "
             "figures test that data parallelism runs and what its machinery costs; they "
-            "are not a speed-up (n devices here share the cores one device already had).")
+            "are not a speed-up from more devices. One JAX device already uses every core "
+            "(XLA's thread pool), so more virtual devices only add partitioning and "
+            "collectives; one torch rank uses one thread, so more ranks gain by using more "
+            "of the cores, which a 1-rank run with more threads would use too.")
 
 
 def render(results: dict[str, Any]) -> str:
