@@ -460,3 +460,14 @@ def test_gradients_differ_with_everything_else_as_intended():
     assert verdict.findings[0].update == 3
     assert max(u.gradient_difference for u in verdict.updates[:2]) < RTOL
     assert "does the loop change the learning rate" in verdict.findings[0].message
+
+
+def test_a_model_of_ones_own():
+    from tbptt_torch.models import GRUModel
+
+    verdict = audit(loops.per_chunk_loop, model_factory=lambda: GRUModel(3, 5, 1))
+    assert verdict.correct, str(verdict)
+    assert verdict.setup.startswith("GRUModel, float64; xs [22, 5, 3]")
+
+    with pytest.raises(ValueError, match="initial_carry"):
+        audit(loops.per_chunk_loop, model_factory=lambda: nn.GRU(2, 4))
