@@ -71,6 +71,7 @@ class CellAdapter:
         if not time_major:
             xs = jnp.swapaxes(xs, 0, 1)
             resets = None if resets is None else jnp.swapaxes(jnp.asarray(resets), 0, 1)
+        initial = None
         if resets is not None:
             resets = jnp.asarray(resets)
             if resets.shape != xs.shape[:2] or resets.dtype != np.bool_:

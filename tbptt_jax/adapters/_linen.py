@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import activation
 
+from tbptt.checks import check_int
 from tbptt_jax.adapters import _layout
 from tbptt_jax.adapters._base import Array, Carry, CellAdapter, Params
 
@@ -53,9 +54,8 @@ class LinenAdapter(CellAdapter):
         if readout is not None and not isinstance(readout, nn.Module):
             raise ValueError(f"readout must be a flax.linen Module or None, got "
                              f"{type(readout).__name__}")
-        if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
-            raise ValueError(f"input_size must be a positive int, got {input_size!r}")
-        self.cell, self.readout, self.input_size = cell, readout, input_size
+        self.cell, self.readout = cell, readout
+        self.input_size = check_int("input_size", input_size)
         # initialize_carry takes a key; the built-in cells' default carry_init ignores it.
         self._carry_key = jax.random.key(0) if carry_key is None else carry_key
 
