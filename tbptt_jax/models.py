@@ -8,14 +8,14 @@ cross frameworks by copying. The carry has torch's layout: LSTM `(h, c)`, each
 `[num_layers, B, H]`; GRU and Elman `h[num_layers, B, H]`.
 
 `apply` runs one layer at a time over the whole chunk, as cuDNN does: the input projection
-of every step is one matrix product outside the recurrence, and a `lax.scan` runs the
-recurrence. `step` is the plain one-step reference the tests hold `apply` to.
+of every step is one matrix product outside the recurrence, and the recurrence is the fast
+layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass). `step` is
+the plain one-step reference, differentiated by JAX, that the tests hold `apply` to.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from tbptt.checks import check_int
+from tbptt_jax import _kernels
 
 Array = jax.Array
 Params = dict[str, Array]
@@ -31,56 +32,8 @@ Carry = Any  # Array h[L, B, H] (Elman, GRU) or tuple (h, c) of them (LSTM)
 GATES = {"elman": 1, "gru": 3, "lstm": 4}
 
 
-def _elman_cell(carry: Array, x_proj: Array, w_hh: Array, b_hh: Array) -> Array:
-    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); `x_proj` is W_ih x + b_ih."""
-    return jnp.tanh(x_proj + carry @ w_hh.T + b_hh[None, :])
-
-
-def _gru_cell(carry: Array, x_proj: Array, w_hh: Array, b_hh: Array) -> Array:
-    """torch.nn.GRU, gates r, z, n:
-
-    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr)
-    z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
-    n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
-    h' = (1 - z) * n + z * h
-    """
-    h_proj = carry @ w_hh.T + b_hh[None, :]
-    x_r, x_z, x_n = jnp.split(x_proj, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(h_proj, 3, axis=-1)
-    r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
-    n = jnp.tanh(x_n + r * h_n)
-    return (1 - z) * n + z * carry
-
-
-def _lstm_cell(
-    carry: tuple[Array, Array], x_proj: Array, w_hh: Array, b_hh: Array
-) -> tuple[Array, Array]:
-    """torch.nn.LSTM, gates i, f, g, o:
-
-    i, f, o = sigmoid(W_i* x + b_i* + W_h* h + b_h*);  g = tanh(W_ig x + b_ig + W_hg h + b_hg)
-    c' = f * c + i * g;  h' = o * tanh(c')
-    """
-    h, c = carry
-    gates = x_proj + h @ w_hh.T + b_hh[None, :]
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
-    return h, c
-
-
-CELLS: dict[str, Callable[..., Any]] = {"elman": _elman_cell, "gru": _gru_cell, "lstm": _lstm_cell}
-
-
 def _hidden(layer_carry: Any, cell: str) -> Array:
     return layer_carry[0] if cell == "lstm" else layer_carry
-
-
-def _reset(layer_carry: Any, reset: Array) -> Any:
-    """Replaces the carry of the rows where `reset[B]` is true with zeros (a select, not a
-    product, so a NaN in a finished sequence cannot leak)."""
-    return jax.tree.map(lambda part: jnp.where(reset[:, None], jnp.zeros_like(part), part),
-                        layer_carry)
 
 
 @dataclass(frozen=True)
@@ -102,8 +55,8 @@ class RecurrentModel:
     num_layers: int = 1
 
     def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {tuple(CELLS)}, got {self.cell!r}")
+        if self.cell not in GATES:
+            raise ValueError(f"cell must be one of {tuple(GATES)}, got {self.cell!r}")
         for name in ("input_size", "hidden_size", "output_size", "num_layers"):
             check_int(name, getattr(self, name))
 
@@ -165,27 +118,16 @@ class RecurrentModel:
         Returns:
           `(carry, ys)`: the state after the last step and outputs of shape `[T, B, O]`.
         """
-        cell = CELLS[self.cell]
+        recurrent_layer = _kernels.layer(self.cell)
         layer_inputs = xs
         final_carries = []
         for layer in range(self.num_layers):
-            w_ih = params[f"rnn.weight_ih_l{layer}"]
-            b_ih = params[f"rnn.bias_ih_l{layer}"]
-            w_hh = params[f"rnn.weight_hh_l{layer}"]
-            b_hh = params[f"rnn.bias_hh_l{layer}"]
             # One matrix product for the input projection of every step of the chunk.
-            projected = layer_inputs @ w_ih.T + b_ih[None, None, :]
-
-            def recurrence(layer_carry, step_inputs, w_hh=w_hh, b_hh=b_hh):
-                x_proj, reset = step_inputs
-                if reset is not None:
-                    layer_carry = _reset(layer_carry, reset)
-                layer_carry = cell(layer_carry, x_proj, w_hh, b_hh)
-                return layer_carry, _hidden(layer_carry, self.cell)
-
-            layer_carry, layer_inputs = jax.lax.scan(
-                recurrence, self._layer_carry(carry, layer), (projected, resets)
-            )
+            projected = (layer_inputs @ params[f"rnn.weight_ih_l{layer}"].T
+                         + params[f"rnn.bias_ih_l{layer}"][None, None, :])
+            layer_carry, layer_inputs = recurrent_layer(
+                params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"], projected,
+                self._layer_carry(carry, layer), resets)
             final_carries.append(layer_carry)
         return self._stack_layers(final_carries), self._readout(params, layer_inputs)
 
@@ -196,17 +138,14 @@ class RecurrentModel:
 
         The plain reference that `apply` must equal when looped over a chunk.
         """
-        cell = CELLS[self.cell]
         layer_input = x
         new_carries = []
         for layer in range(self.num_layers):
-            layer_carry = self._layer_carry(carry, layer)
-            if reset is not None:
-                layer_carry = _reset(layer_carry, reset)
             x_proj = (layer_input @ params[f"rnn.weight_ih_l{layer}"].T
                       + params[f"rnn.bias_ih_l{layer}"][None, :])
-            layer_carry = cell(layer_carry, x_proj, params[f"rnn.weight_hh_l{layer}"],
-                               params[f"rnn.bias_hh_l{layer}"])
+            layer_carry = _kernels.step(
+                self.cell, params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"],
+                x_proj, self._layer_carry(carry, layer), reset)
             new_carries.append(layer_carry)
             layer_input = _hidden(layer_carry, self.cell)
         return self._stack_layers(new_carries), self._readout(params, layer_input)

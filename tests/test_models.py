@@ -242,6 +242,40 @@ def test_apply_equals_a_loop_over_step(cell, num_layers):
     assert_carry_close(final, looped, **EXACT)
 
 
+@pytest.mark.parametrize(("cell", "num_layers"), CONFIGS)
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_apply_backward_equals_autodiff_of_the_step_loop(cell, num_layers, with_resets):
+    """The kernels' hand-written backward pass against JAX's autodiff of the plain steps:
+    the vector-Jacobian product with respect to params, carry and xs, with cotangents on
+    both outputs (the final carry too: a window split at the hand-off feeds it on)."""
+    jax_model, torch_model = make_pair(cell, num_layers, seed=10)
+    params = {name: jnp.asarray(p) for name, p in to_jax(torch_model).items()}
+    rng = np.random.default_rng(11)
+    xs = jnp.asarray(rng.normal(size=(STEPS, BATCH, INPUT)))
+    carry = jax.tree.map(jnp.asarray, random_carry(cell, num_layers, seed=12))
+    resets = jnp.asarray(example_resets()) if with_resets else None
+
+    def looped(params, carry, xs):
+        ys = []
+        for t in range(STEPS):
+            carry, y = jax_model.step(params, carry, xs[t], None if resets is None else resets[t])
+            ys.append(y)
+        return carry, jnp.stack(ys)
+
+    def kernel(params, carry, xs):
+        return jax_model.apply(params, carry, xs, resets)
+
+    out, kernel_vjp = jax.vjp(kernel, params, carry, xs)
+    expected_out, loop_vjp = jax.vjp(looped, params, carry, xs)
+    cotangent = jax.tree.map(lambda leaf: jnp.asarray(rng.normal(size=leaf.shape)), out)
+    assert_carry_close(out, expected_out, **EXACT)
+    got, expected = kernel_vjp(cotangent), loop_vjp(cotangent)
+    for name in params:
+        np.testing.assert_allclose(got[0][name], expected[0][name], err_msg=name, **EXACT)
+    assert_carry_close(got[1], expected[1], **EXACT)
+    np.testing.assert_allclose(got[2], expected[2], **EXACT)
+
+
 def nan_carry(cell: str, num_layers: int, row: int):
     carry = random_carry(cell, num_layers, seed=7)
     for part in (carry if isinstance(carry, tuple) else (carry,)):

@@ -1,0 +1,306 @@
+"""Fast recurrent layers: one layer over a whole window, with a hand-written backward pass.
+
+`layer(cell)` gives the function `tbptt_jax.models` runs for each recurrent layer:
+
+    (w_hh, b_hh, x_proj[T, B, G*H], carry, resets[T, B] | None) -> (carry, hs[T, B, H])
+
+where `x_proj = xs @ W_ih^T + b_ih` is the input projection of every step, computed by
+the caller as one matrix product outside the recurrence, and G the number of gates. The
+forward pass is a `lax.scan` with one fused matrix product per step for all gates; it
+keeps each step's gate activations for the backward pass.
+
+Autodiff of a scan would accumulate `dW_hh` inside the reverse loop, one small `[G*H, B] x
+[B, H]` product and a read-modify-write of the whole weight gradient per step. The
+backward pass here (a `custom_vjp`) runs only what is truly sequential in reverse: the
+gate gradients and the hidden-state gradient `dh = dgates @ W_hh`. The weight and bias
+gradients are then single large products over all T*B rows at once
+(`dW_hh = dgates^T @ h_in`), and the input-projection gradient is handed back whole, so
+`dW_ih` and `dxs` are single products too (autodiff of the projection does that).
+
+Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
+plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _mask(reset: Array | None, value: Array) -> Array:
+    """Zero where `reset[B]` is true; a select, so a NaN of a finished sequence cannot leak."""
+    if reset is None:
+        return value
+    return jnp.where(reset[:, None], jnp.zeros_like(value), value)
+
+
+def _sigmoid_grad(y: Array) -> Array:
+    """sigmoid'(x) from y = sigmoid(x)."""
+    return y * (1 - y)
+
+
+def _tanh_grad(y: Array) -> Array:
+    """tanh'(x) from y = tanh(x)."""
+    return 1 - y * y
+
+
+def _row(vector: Array) -> Array:
+    return vector[None, :]
+
+
+class _Cell(NamedTuple):
+    """One cell, split the way the layer runs it.
+
+    loop_bias(b_hh) -> (folded[G*H], in_loop or None): the part of the recurrent bias that
+      can be added to the input projection before the loop, and the part that cannot
+      (the GRU's b_hn, which the reset gate multiplies).
+    forward(w_t, b_in_loop, carry_in, x_t) -> (carry_out, saved): one step; `w_t` is
+      W_hh^T `[H, G*H]`, `carry_in` the (already reset) carry, a tuple of `[B, H]` arrays
+      whose first entry is h, and `x_t` the step's projection with the folded bias.
+    prepare(carry_ins, carry_outs, saved) -> factors: everything the backward step needs
+      that does not depend on the gradient flowing back, for all T steps at once.
+    backward(w_hh, factors_t, dcarry_out) -> (dcarry_in, out_t): one reverse step; only
+      what is truly sequential.
+    finish(outs, factors) -> (dx_proj, dh_proj): the gradients of the input projection and
+      of `h_in W_hh^T + b_hh`, for all T steps at once, from what the reverse loop gave.
+    """
+
+    loop_bias: Callable[..., tuple[Array, Array | None]]
+    forward: Callable[..., tuple[tuple[Array, ...], Any]]
+    prepare: Callable[..., Any]
+    backward: Callable[..., tuple[tuple[Array, ...], Array]]
+    finish: Callable[..., tuple[Array, Array]]
+
+
+def _fold_all(b_hh: Array) -> tuple[Array, None]:
+    return b_hh, None
+
+
+def _same(outs: Array, factors: Any) -> tuple[Array, Array]:
+    return outs, outs
+
+
+def _by_gate(array: Array, gates: int) -> Array:
+    """`[..., G*H]` -> `[..., G, H]`, so a per-gate factor is a broadcast, not a slice."""
+    return array.reshape(*array.shape[:-1], gates, array.shape[-1] // gates)
+
+
+def _elman_forward(w_t, b_in_loop, carry_in, x_t):
+    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
+    (h,) = carry_in
+    return (jnp.tanh(x_t + h @ w_t),), None
+
+
+def _elman_prepare(carry_ins, carry_outs, saved):
+    return _tanh_grad(carry_outs[0])
+
+
+def _elman_backward(w_hh, tanh_grad, dcarry_out):
+    (dh,) = dcarry_out
+    d_pre = dh * tanh_grad
+    return (d_pre @ w_hh,), d_pre
+
+
+def _gru_bias(b_hh: Array) -> tuple[Array, Array]:
+    b_hr_z, b_hn = jnp.split(b_hh, [2 * (b_hh.shape[0] // 3)])
+    return jnp.concatenate([b_hr_z, jnp.zeros_like(b_hn)]), b_hn
+
+
+def _gru_forward(w_t, b_hn, carry_in, x_t):
+    """torch.nn.GRU, gates r, z, n:
+
+    r = sigmoid(W_ir x + b_ir + W_hr h + b_hr);  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
+    n = tanh(W_in x + b_in + r * (W_hn h + b_hn));  h' = (1 - z) * n + z * h
+    """
+    (h,) = carry_in
+    h_proj = h @ w_t
+    # The sigmoid over all three blocks (the third unused): XLA's CPU code for an
+    # elementwise op on a full row is several times faster than on a column slice.
+    r_z = _by_gate(jax.nn.sigmoid(x_t + h_proj), 3)
+    r, z = r_z[:, 0], r_z[:, 1]
+    h_n = _by_gate(h_proj, 3)[:, 2] + _row(b_hn)
+    n = jnp.tanh(_by_gate(x_t, 3)[:, 2] + r * h_n)
+    return ((1 - z) * n + z * h,), (r, z, n, h_n)
+
+
+def _gru_prepare(carry_ins, carry_outs, saved):
+    (h_in,) = carry_ins
+    r, z, n, h_n = saved
+    d_n = (1 - z) * _tanh_grad(n)
+    d_r = d_n * h_n * _sigmoid_grad(r)
+    d_z = (h_in - n) * _sigmoid_grad(z)
+    # dh_proj = dh * proj_factor (what the loop multiplies by W_hh); dx_proj = dh * x_factor.
+    proj_factor = jnp.stack([d_r, d_z, d_n * r], axis=-2)
+    x_factor = jnp.stack([d_r, d_z, d_n], axis=-2)
+    return z, proj_factor, x_factor
+
+
+def _gru_backward(w_hh, factors_t, dcarry_out):
+    z, proj_factor, _ = factors_t
+    (dh,) = dcarry_out
+    dh_proj = (dh[:, None, :] * proj_factor).reshape(dh.shape[0], -1)
+    return (dh * z + dh_proj @ w_hh,), dh
+
+
+def _gru_finish(dhs, factors):
+    _, proj_factor, x_factor = factors
+    dhs = dhs[..., None, :]
+    return ((dhs * x_factor).reshape(*dhs.shape[:-2], -1),
+            (dhs * proj_factor).reshape(*dhs.shape[:-2], -1))
+
+
+def _lstm_activations(gates: Array) -> Array:
+    """`[..., 4, H]` pre-activations -> i, f, g, o: sigmoid but tanh for g, both over every
+    block then a select (XLA's CPU code for an elementwise op on a full row is several times
+    faster than on a column slice)."""
+    is_g = jnp.arange(4)[:, None] == 2
+    return jnp.where(is_g, jnp.tanh(gates), jax.nn.sigmoid(gates))
+
+
+def _lstm_forward(w_t, b_in_loop, carry_in, x_t):
+    """torch.nn.LSTM, gates i, f, g, o:
+
+    i, f, o = sigmoid(W_i* x + b_i* + W_h* h + b_h*);  g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+    c' = f * c + i * g;  h' = o * tanh(c')
+    """
+    h, c = carry_in
+    gates = _by_gate(x_t + h @ w_t, 4)
+    gates = _lstm_activations(gates)
+    i, f, g, o = (gates[:, k] for k in range(4))
+    c = f * c + i * g
+    return (o * jnp.tanh(c), c), gates
+
+
+def _lstm_prepare(carry_ins, carry_outs, gates):
+    _, c_in = carry_ins
+    _, c_out = carry_outs
+    i, f, g, o = (gates[..., k, :] for k in range(4))
+    tanh_c = jnp.tanh(c_out)
+    # d_gates = [dc * i_factor, dc * f_factor, dc * g_factor, dh * o_factor], with
+    # dc = dc_next + dh * c_factor.
+    return (o * _tanh_grad(tanh_c), f,
+            jnp.concatenate([g * _sigmoid_grad(i), c_in * _sigmoid_grad(f),
+                             i * _tanh_grad(g)], axis=-1),
+            tanh_c * _sigmoid_grad(o))
+
+
+def _lstm_backward(w_hh, factors_t, dcarry_out):
+    c_factor, f, ifg_factor, o_factor = factors_t
+    dh, dc = dcarry_out
+    dc = dc + dh * c_factor
+    d_gates = jnp.concatenate([jnp.tile(dc, 3) * ifg_factor, dh * o_factor], axis=-1)
+    return (d_gates @ w_hh, dc * f), d_gates
+
+
+CELLS = {
+    "elman": _Cell(_fold_all, _elman_forward, _elman_prepare, _elman_backward, _same),
+    "gru": _Cell(_gru_bias, _gru_forward, _gru_prepare, _gru_backward, _gru_finish),
+    "lstm": _Cell(_fold_all, _lstm_forward, _lstm_prepare, _lstm_backward, _same),
+}
+
+
+def _as_tuple(carry: Any, cell: str) -> tuple[Array, ...]:
+    return tuple(carry) if cell == "lstm" else (carry,)
+
+
+def _from_tuple(parts: tuple[Array, ...], cell: str) -> Any:
+    return parts if cell == "lstm" else parts[0]
+
+
+def step(cell: str, w_hh: Array, b_hh: Array, x_proj: Array, carry: Any,
+         reset: Array | None = None) -> Any:
+    """One step of `cell` with plain autodiff: the reference `layer` is held to.
+
+    Takes `x_proj[B, G*H]` (`x W_ih^T + b_ih`) and the carry before the step (h `[B, H]`,
+    or `(h, c)`), and returns the carry after it.
+    """
+    folded, in_loop = CELLS[cell].loop_bias(b_hh)
+    carry_in = tuple(_mask(reset, part) for part in _as_tuple(carry, cell))
+    carry_out, _ = CELLS[cell].forward(w_hh.T, in_loop, carry_in, x_proj + _row(folded))
+    return _from_tuple(carry_out, cell)
+
+
+def _carry_ins(carry: tuple[Array, ...], carry_outs: tuple[Array, ...],
+               resets: Array | None) -> tuple[Array, ...]:
+    """The (reset) carry entering each step `[T, B, H]`, from the carry before step 0 and
+    the carry after each step."""
+    shifted = (jnp.concatenate([start[None], outs[:-1]]) for start, outs in
+               zip(carry, carry_outs, strict=True))
+    if resets is None:
+        return tuple(shifted)
+    return tuple(jnp.where(resets[:, :, None], jnp.zeros_like(part), part) for part in shifted)
+
+
+@cache
+def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
+    """The layer function of `cell` ("elman", "gru" or "lstm"), with its custom backward.
+
+    Args (of the returned function):
+      w_hh: `[G*H, H]`, the recurrent weights (torch's `weight_hh_l*`).
+      b_hh: `[G*H]`, the recurrent bias (torch's `bias_hh_l*`).
+      x_proj: `[T, B, G*H]`, the input projection of every step, `xs @ W_ih^T + b_ih`.
+      carry: the layer's state before step 0: h `[B, H]`, or `(h, c)` for the LSTM.
+      resets: None, or bool `[T, B]`: where true the carry is zeroed before that step.
+
+    Returns:
+      `(carry, hs)`: the state after the last step and the hidden states `[T, B, H]`.
+    """
+    cell_fns = CELLS[cell]
+
+    def run(w_hh, b_hh, x_proj, carry, resets):
+        folded, in_loop = cell_fns.loop_bias(b_hh)
+        # Materialised once per window: a product against W_hh^T in row-major order is
+        # faster on CPU than XLA's transposed-operand product, which it would fold back in.
+        w_t = jax.lax.optimization_barrier(w_hh.T)
+
+        def body(carry_parts, step_inputs):
+            x_t, reset_t = step_inputs
+            carry_in = tuple(_mask(reset_t, part) for part in carry_parts)
+            carry_out, saved = cell_fns.forward(w_t, in_loop, carry_in, x_t)
+            return carry_out, (carry_out, saved)
+
+        carry_out, (carry_outs, saved) = jax.lax.scan(
+            body, _as_tuple(carry, cell), (x_proj + _row(folded)[None], resets))
+        return _from_tuple(carry_out, cell), carry_outs, saved
+
+    @jax.custom_vjp
+    def recurrent_layer(w_hh, b_hh, x_proj, carry, resets):
+        carry_out, carry_outs, _ = run(w_hh, b_hh, x_proj, carry, resets)
+        return carry_out, carry_outs[0]
+
+    def forward(w_hh, b_hh, x_proj, carry, resets):
+        carry_out, carry_outs, saved = run(w_hh, b_hh, x_proj, carry, resets)
+        return (carry_out, carry_outs[0]), (w_hh, _as_tuple(carry, cell), resets, carry_outs,
+                                            saved)
+
+    def backward(residuals, cotangents):
+        w_hh, carry, resets, carry_outs, saved = residuals
+        dcarry_out, dhs = cotangents
+        carry_ins = _carry_ins(carry, carry_outs, resets)
+        factors = cell_fns.prepare(carry_ins, carry_outs, saved)
+
+        def body(dcarry_parts, step_inputs):
+            dh_t, reset_t, factors_t = step_inputs
+            dcarry_parts = (dcarry_parts[0] + dh_t, *dcarry_parts[1:])
+            dcarry_in, out_t = cell_fns.backward(w_hh, factors_t, dcarry_parts)
+            return tuple(_mask(reset_t, part) for part in dcarry_in), out_t
+
+        dcarry, outs = jax.lax.scan(body, _as_tuple(dcarry_out, cell),
+                                    (dhs, resets, factors), reverse=True)
+        dx_proj, dh_proj = cell_fns.finish(outs, factors)
+        # All T*B rows at once: the weight gradient as one matrix product. (Contracting
+        # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
+        # devices, a reshape would make XLA gather it; this way each device contracts its
+        # own rows and the partial products are summed.)
+        dw_hh = jnp.einsum("tbg,tbh->gh", dh_proj, carry_ins[0])
+        db_hh = dh_proj.sum(axis=(0, 1))
+        return dw_hh, db_hh, dx_proj, _from_tuple(dcarry, cell), None
+
+    recurrent_layer.defvjp(forward, backward)
+    return recurrent_layer
