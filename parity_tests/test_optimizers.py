@@ -91,6 +91,10 @@ ROWS: dict[str, OptimizerPair] = {
     "sgd-weight-decay": OptimizerPair(
         optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(0.05, momentum=0.9)),
         lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=WEIGHT_DECAY)),
+    "sgd-dampening": OptimizerPair(
+        optim.sgd_torch(0.05, momentum=0.9, dampening=0.5, weight_decay=WEIGHT_DECAY),
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, dampening=0.5,
+                                   weight_decay=WEIGHT_DECAY)),
     "adam": OptimizerPair(
         optax.adam(0.01, b1=0.9, b2=0.999, eps=1e-8),
         lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.9, 0.999), eps=1e-8)),

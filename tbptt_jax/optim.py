@@ -13,6 +13,8 @@ the two differ by design, each with the torch behaviour as an optax transformati
 - `rmsprop_torch`: torch's RMSprop accumulates the momentum buffer before the learning rate
   scales it and adds an L2 `weight_decay` to the gradient; `optax.rmsprop` scales first, so
   the two part once the learning rate changes (a schedule).
+- `sgd_torch`: torch's SGD `dampening` (optax's momentum trace has none), the first step
+  taking the gradient undamped as torch does.
 - `cosine_annealing_schedule`: `torch.optim.lr_scheduler.CosineAnnealingLR` is periodic
   (it rises again after `T_max` steps); `optax.cosine_decay_schedule` stays at its end.
 - `float_count`: optax's polynomial schedules (`linear_schedule`, the warm-up of
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,7 @@ __all__ = [
     "float_count",
     "rmsprop_torch",
     "scale_by_rss_torch",
+    "sgd_torch",
 ]
 
 # The constant `torch.nn.utils.clip_grad_norm_` adds to the norm before dividing.
@@ -168,6 +172,62 @@ def rmsprop_torch(learning_rate: ScalarOrSchedule, *, alpha: float = 0.99, eps: 
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
         scale(decay=alpha, eps=eps, initial_scale=0.0, eps_in_sqrt=False),
         optax.trace(decay=momentum) if momentum else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+class TraceTorchState(NamedTuple):
+    """State of `sgd_torch`'s momentum buffer."""
+
+    count: jax.Array  # shape=(), dtype=int32: the updates taken so far
+    trace: Any  # the momentum buffer, a pytree shaped like the params
+
+
+def _trace_torch(momentum: float, dampening: float,
+                 nesterov: bool) -> optax.GradientTransformation:
+    """torch's SGD momentum: `b = g` at the first update, then `b = momentum b + (1 -
+    dampening) g`; the step is `g + momentum b` (Nesterov) or `b`."""
+    def init_fn(params):
+        return TraceTorchState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        first = state.count == 0
+        trace = jax.tree.map(
+            lambda g, b: jnp.where(first, g, momentum * b + (1 - dampening) * g),
+            updates, state.trace)
+        if nesterov:
+            updates = jax.tree.map(lambda g, b: g + momentum * b, updates, trace)
+        else:
+            updates = trace
+        return updates, TraceTorchState(optax.safe_increment(state.count), trace)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sgd_torch(learning_rate: ScalarOrSchedule, *, momentum: float = 0.0,
+              dampening: float = 0.0, weight_decay: float = 0.0,
+              nesterov: bool = False) -> optax.GradientTransformation:
+    """The twin of `torch.optim.SGD(params, lr, momentum, dampening, weight_decay,
+    nesterov)`, with torch's defaults.
+
+    Update: `g = g + weight_decay * p`; with momentum, `b = g` at the first update and
+    `b = momentum b + (1 - dampening) g` after, then `d = g + momentum b` (Nesterov) or
+    `d = b`; `p = p - lr d`. Without dampening this is `optax.chain(
+    optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum, nesterov))`.
+
+    Returns:
+      An `optax.GradientTransformation`; its momentum state is a `TraceTorchState`.
+    """
+    momentum = _check_number("momentum", momentum)
+    dampening = _check_number("dampening", dampening)
+    weight_decay = _check_number("weight_decay", weight_decay)
+    if nesterov and (momentum == 0 or dampening != 0):
+        raise ValueError(f"nesterov=True needs momentum > 0 and dampening 0 (as torch), got "
+                         f"momentum={momentum!r}, dampening={dampening!r}")
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
+        _trace_torch(momentum, dampening, nesterov) if momentum else optax.identity(),
         optax.scale_by_learning_rate(learning_rate),
     )
 

@@ -1,6 +1,6 @@
 """Global-norm gradient clipping on both sides: `tbptt_torch.tbptt_train_step(...,
 clip_grad_norm=)` and its JAX twin `tbptt_jax.optim.clip_by_global_norm_torch`, with the
-other factories of `tbptt_jax.optim` that take numbers.
+other factories of `tbptt_jax.optim` that take numbers, and `sgd_torch`'s dampening.
 
 Bad values are rejected with a `ValueError` naming the argument and the value given, before
 any parameter changes; good ones scale the gradient by `min(max_norm / (norm + 1e-6), 1)`,
@@ -126,6 +126,7 @@ def test_jax_clip_below_the_threshold_is_the_identity():
     (lambda v: optim.rmsprop_torch(0.1, momentum=v), "momentum", -0.9, ">= 0"),
     (lambda v: optim.rmsprop_torch(0.1, weight_decay=v), "weight_decay", float("inf"),
      ">= 0"),
+    (lambda v: optim.sgd_torch(0.1, dampening=v), "dampening", -0.5, ">= 0"),
     (lambda v: optim.cosine_annealing_schedule(0.1, 10, eta_min=v), "eta_min", -1e-3,
      ">= 0"),
 ])
@@ -133,6 +134,28 @@ def test_optim_factories_reject_bad_numbers(factory, argument, value, expected):
     with pytest.raises(ValueError, match=re.escape(f"{argument} must be a finite float "
                                                    f"{expected}, got {value!r}")):
         factory(value)
+
+
+@pytest.mark.parametrize(("momentum", "dampening"), [(0.0, 0.0), (0.9, 0.5)])
+def test_sgd_torch_nesterov_needs_momentum_and_no_dampening(momentum, dampening):
+    with pytest.raises(ValueError, match=re.escape(
+            f"nesterov=True needs momentum > 0 and dampening 0 (as torch), got "
+            f"momentum={momentum!r}, dampening={dampening!r}")):
+        optim.sgd_torch(0.1, momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_sgd_torch_dampens_all_but_the_first_step():
+    """b = g, then b = 0.9 b + 0.5 g, as torch's SGD(momentum=0.9, dampening=0.5)."""
+    sgd = optim.sgd_torch(1.0, momentum=0.9, dampening=0.5)
+    params = {"w": jnp.zeros(2)}
+    state = sgd.init(params)
+    steps = []
+    for g in ([1.0, 2.0], [4.0, -2.0]):
+        update, state = sgd.update({"w": jnp.array(g)}, state, params)
+        steps.append(np.asarray(update["w"]))
+    np.testing.assert_allclose(steps[0], [-1.0, -2.0], rtol=1e-15)
+    np.testing.assert_allclose(steps[1], [-(0.9 * 1.0 + 0.5 * 4.0), -(0.9 * 2.0 - 0.5 * 2.0)],
+                               rtol=1e-15)
 
 
 @pytest.mark.parametrize("t_max", [0, 2.5, True])
