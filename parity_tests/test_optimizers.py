@@ -160,8 +160,8 @@ ROWS: dict[str, OptimizerPair] = {
 # Rows the default run checks with clipping too (every row is clipped under -m slow), and
 # rows it leaves to -m slow altogether (their schedules are proven rate by rate below).
 CLIPPED_BY_DEFAULT = ("nesterov", "adamw", "rmsprop")
-SLOW_ONLY = ("momentum", "adam-l2", "rmsprop-momentum", "adagrad", "adam-constant",
-             "adam-warmup", "sgd-cosine", "sgd-cosine-periodic")
+SLOW_ONLY = ("momentum", "adam-l2", "rmsprop-centered", "rmsprop-momentum", "adagrad",
+             "adam-constant", "adam-warmup", "sgd-cosine", "sgd-cosine-periodic")
 
 
 class Models(NamedTuple):
