@@ -4,11 +4,11 @@ trajectory, update by update, over 50 updates (SPEC §3).
 
 Float64: per-update losses, gradients and parameters agree to 1e-10 relative, with and
 without global-norm clipping (torch's `clip_grad_norm=` of the trainer, optax's
-`tbptt_jax.optim.clip_by_global_norm_torch` first in the chain). By default every row runs
-on a two-layer LSTM (a few also clipped); the cross of every row with Elman, GRU and LSTM
-at 1 and 2 layers, clipped and not, is marked slow. Float32: a few rows
-to 1e-5 relative after 50 updates, each key against its scale over the run (as in
-test_parity_float32.py). Learning-rate schedules step the torch scheduler once per
+`tbptt_jax.optim.clip_by_global_norm_torch` first in the chain). By default the rows not in
+`SLOW_ONLY` run on a two-layer LSTM (those in `CLIPPED_BY_DEFAULT` also clipped); the cross
+of every row with Elman, GRU and LSTM at 1 and 2 layers, clipped and not, is marked slow.
+Float32: a few rows to 1e-5 relative after 50 updates, each key against its scale over the
+run (as in test_parity_float32.py). Learning-rate schedules step the torch scheduler once per
 optimizer step (`optimizer.register_step_post_hook`), as optax advances its count.
 
 Where torch and optax differ by design, the tests at the end run the plain optax
