@@ -280,8 +280,9 @@ def render_plots(results: dict[str, Any], out_dir: Path, name: str) -> list[Path
         entry = _impl(benchmark, impl)
         return None if entry is None else entry["steps_per_s"]
 
-    bars(f"{name}-throughput.png", steps_per_s, "sequence-steps per second (T*B/s)", None)
-    bars(f"{name}-ratio.png", time_ratio, "time / jax time", 1.0)
+    if benchmarks:  # a run of the memory check alone has none
+        bars(f"{name}-throughput.png", steps_per_s, "sequence-steps per second (T*B/s)", None)
+        bars(f"{name}-ratio.png", time_ratio, "time / jax time", 1.0)
 
     memory = results.get("memory_scaling")
     if memory:
