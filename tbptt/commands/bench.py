@@ -4,8 +4,9 @@ Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM) for every cho
 (Elman, GRU, LSTM) through every chosen implementation (jax, torch-hand, torch-fused,
 torch-ignite, torch-compile; torch-cudnn on CUDA), all from the same initial weights and
 data, interleaved, with warm-up and repeats; then the streamed-memory check (T = 1e4 vs
-1e6 steps). Writes <out>/<name>.json (versions, machine, thread counts, settings, every
-repeat), and from it <out>/<name>.md (the table, ratios and targets) and PNG plots.
+1e6 steps; 1e5 on a CPU by default, see --memory-steps). Writes <out>/<name>.json
+(versions, machine, thread counts, settings, every repeat), and from it <out>/<name>.md
+(the table, ratios and targets) and PNG plots.
 
 Needs a source checkout (the `benchmarks/` folder beside the packages), JAX and PyTorch;
 Ignite is optional (its implementation is reported as skipped without it).
@@ -59,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default: the number of physical cores)")
     parser.add_argument("--memory-steps", nargs=2, type=int, default=None,
                         metavar=("SHORT", "LONG"),
-                        help="streamed lengths of the memory check (default 10000 1000000; "
-                        "1000 10000 with --quick)")
+                        help="streamed lengths of the memory check (default 10000 1000000 on "
+                        "CUDA, 10000 100000 on a CPU, 1000 10000 with --quick)")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the streamed-memory check")
     parser.add_argument("--compile-allow-rnn", action="store_true",
