@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 REDUCTIONS = ("mean", "sum")
 TAILS = ("partial", "drop")
@@ -51,6 +51,24 @@ def check_overlap(xs_shape: Sequence[int], resets_shape: Sequence[int] | None,
     if resets_shape is not None and list(resets_shape) != [steps, expected[0]]:
         raise ValueError(f"carry: the OverlapCarry's resets must have shape "
                          f"{[steps, expected[0]]}, got {list(resets_shape)}")
+
+
+def check_param_shapes(expected: Mapping[str, Sequence[int]],
+                       actual: Mapping[str, Sequence[int]], *, model: str = "",
+                       hint: str = "") -> None:
+    """Checks parameters, named as torch's `state_dict()` and given as `{name: shape}`,
+    against the model's: the same keys and every shape, before anything is copied or
+    trained. `model` (e.g. " for a one-layer lstm") follows the expected keys in the
+    message, `hint` ends it."""
+    missing = [name for name in expected if name not in actual]
+    unexpected = [name for name in actual if name not in expected]
+    if missing or unexpected:
+        raise ValueError(f"params must have the keys {list(expected)}{model}; missing "
+                         f"{missing}, unexpected {unexpected}{hint}")
+    for name, shape in expected.items():
+        if tuple(actual[name]) != tuple(shape):
+            raise ValueError(f"params[{name!r}] must have shape {tuple(shape)}, "
+                             f"got {tuple(actual[name])}")
 
 
 def nonfinite_cause(loss: float) -> str:

@@ -30,6 +30,7 @@ from tbptt.checks import (
     check_choice,
     check_k,
     check_overlap,
+    check_param_shapes,
     nonfinite_cause,
 )
 from tbptt.schedule import Schedule, plan, run_window
@@ -337,12 +338,4 @@ def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, stat
 def _check_params(expected: dict[str, tuple[int, ...]], params: Any) -> None:
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
-    missing = [name for name in expected if name not in params]
-    unexpected = [name for name in params if name not in expected]
-    if missing or unexpected:
-        raise ValueError(f"params must have the keys {list(expected)}; missing {missing}, "
-                         f"unexpected {unexpected}")
-    for name, shape in expected.items():
-        if tuple(np.shape(params[name])) != shape:
-            raise ValueError(f"params[{name!r}] must have shape {shape}, "
-                             f"got {tuple(np.shape(params[name]))}")
+    check_param_shapes(expected, {name: np.shape(value) for name, value in params.items()})

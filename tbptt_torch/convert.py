@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tbptt.checks import check_param_shapes
+
 
 def to_jax(model: nn.Module) -> dict[str, np.ndarray]:
     """The model's weights as `{state_dict key: numpy array}`, ready for `tbptt_jax`."""
@@ -26,16 +28,9 @@ def load_jax(model: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     `model`, cast to the model's dtype. Every key and shape is checked before anything is
     copied, so a mismatch leaves the model untouched."""
     state = model.state_dict()
-    missing = [name for name in state if name not in params]
-    unexpected = [name for name in params if name not in state]
-    if missing or unexpected:
-        raise ValueError(f"params must have the model's keys {list(state)}; missing {missing}, "
-                         f"unexpected {unexpected}")
-    arrays = {name: np.asarray(params[name]) for name in state}
-    for name, tensor in state.items():
-        if arrays[name].shape != tuple(tensor.shape):
-            raise ValueError(f"params[{name!r}] must have shape {tuple(tensor.shape)}, "
-                             f"got {arrays[name].shape}")
+    arrays = {name: np.asarray(value) for name, value in params.items()}
+    check_param_shapes({name: tuple(tensor.shape) for name, tensor in state.items()},
+                       {name: array.shape for name, array in arrays.items()})
     with torch.no_grad():
         for name, tensor in state.items():
             tensor.copy_(torch.from_numpy(np.array(arrays[name])))

@@ -265,7 +265,7 @@ def test_load_jax_checks_every_key_and_shape_before_copying(edit, message):
     params = {name: np.full(tuple(t.shape), 0.25) for name, t in before.items()}
     edit(params)
     keys = list(before)
-    full = (f"params must have the model's keys {keys}; " if "missing" in message else "") + message
+    full = (f"params must have the keys {keys}; " if "missing" in message else "") + message
     with pytest.raises(ValueError, match=re.escape(full)):
         tbptt_torch.load_jax(model, params)
     for name, tensor in model.state_dict().items():

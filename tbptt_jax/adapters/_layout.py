@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tbptt.checks import check_param_shapes
+
 Array = jax.Array
 
 GATES = {"elman": 1, "gru": 3, "lstm": 4}
@@ -58,20 +60,12 @@ def check_torch_params(params: Mapping[str, Any], cell: CellSpec, head: HeadSpec
         raise ValueError(f"params must be a dict keyed as the torch state_dict, got "
                          f"{type(params).__name__}")
     expected = torch_shapes(cell, head)
-    missing = [name for name in expected if name not in params]
-    unexpected = [name for name in params if name not in expected]
-    if missing or unexpected:
-        more = (" (the adapters convert one recurrent layer; stack adapters for more)"
-                if any(name.endswith("_l1") for name in unexpected) else "")
-        raise ValueError(f"params must have the keys {list(expected)} for a one-layer "
-                         f"{cell.kind} with input_size={cell.input_size}, hidden_size="
-                         f"{cell.hidden_size}; missing {missing}, unexpected {unexpected}{more}")
-    arrays = {name: jnp.asarray(params[name]) for name in expected}
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            raise ValueError(f"params[{name!r}] must have shape {shape}, got "
-                             f"{arrays[name].shape}")
-    return arrays
+    hint = (" (the adapters convert one recurrent layer; stack adapters for more)"
+            if any(name.endswith("_l1") and name not in expected for name in params) else "")
+    check_param_shapes(expected, {name: jnp.shape(value) for name, value in params.items()},
+                       model=f" for a one-layer {cell.kind} with input_size={cell.input_size}, "
+                             f"hidden_size={cell.hidden_size}", hint=hint)
+    return {name: jnp.asarray(params[name]) for name in expected}
 
 
 def require_zero(name: str, value: Array, why: str) -> None:
