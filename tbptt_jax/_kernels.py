@@ -6,8 +6,11 @@
 
 where `x_proj = xs @ W_ih^T + b_ih` is the input projection of every step, computed by
 the caller as one matrix product outside the recurrence, and G the number of gates. The
-forward pass is a `lax.scan` with one fused matrix product per step for all gates; it
-keeps each step's gate activations for the backward pass.
+forward pass is a `lax.scan` with one fused matrix product per step for all gates; the
+recurrent bias is added there too, inside the step's elementwise kernel, rather than in a
+pass of its own over the whole projection. What the backward pass needs of each step (the
+LSTM's gate activations, the Elman cell's h) is written over that step's row of the
+projection, which is dead once read: no zero-filled `[T, B, G*H]` buffer beside it.
 
 Autodiff of a scan would accumulate `dW_hh` inside the reverse loop, one small `[G*H, B] x
 [B, H]` product and a read-modify-write of the whole weight gradient per step. The
@@ -15,7 +18,9 @@ backward pass here (a `custom_vjp`) runs only what is truly sequential in revers
 gate gradients and the hidden-state gradient `dh = dgates @ W_hh`. The weight and bias
 gradients are then single large products over all T*B rows at once
 (`dW_hh = dgates^T @ h_in`), and the input-projection gradient is handed back whole, so
-`dW_ih` and `dxs` are single products too (autodiff of the projection does that).
+`dW_ih` and `dxs` are single products too (autodiff of the projection does that). The
+reverse loop of the LSTM and the Elman cell writes each step's pre-activation gradients
+over those rows, which it no longer needs.
 
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
@@ -58,24 +63,30 @@ class _Cell(NamedTuple):
     """One cell, split the way the layer runs it.
 
     loop_bias(b_hh) -> (folded[G*H], in_loop or None): the part of the recurrent bias that
-      can be added to the input projection before the loop, and the part that cannot
-      (the GRU's b_hn, which the reset gate multiplies).
-    forward(w_t, b_in_loop, carry_in, x_t) -> (carry_out, saved): one step; `w_t` is
+      is added to the step's projection row, and the part that cannot be (the GRU's b_hn,
+      which the reset gate multiplies).
+    forward(w_t, b_in_loop, carry_in, x_t) -> (carry_out, row, extra): one step; `w_t` is
       W_hh^T `[H, G*H]`, `carry_in` the (already reset) carry, a tuple of `[B, H]` arrays
-      whose first entry is h, and `x_t` the step's projection with the folded bias.
-    prepare(carry_ins, carry_outs, saved) -> factors: everything the backward step needs
-      that does not depend on the gradient flowing back, for all T steps at once.
+      whose first entry is h, and `x_t` the step's projection with the folded bias. What
+      the backward pass needs of the step beyond the carries: `row` `[B, G*H]` (or None),
+      written over the step's projection row, and `extra` (or None), kept in buffers of
+      their own.
+    prepare(carry_ins, carry_outs, rows, extras) -> factors: everything the backward step
+      needs that does not depend on the gradient flowing back, for all T steps at once.
     backward(w_hh, factors_t, dcarry_out) -> (dcarry_in, out_t): one reverse step; only
       what is truly sequential.
     finish(outs, factors) -> (dx_proj, dh_proj): the gradients of the input projection and
       of `h_in W_hh^T + b_hh`, for all T steps at once, from what the reverse loop gave.
+    out_over_rows: whether `out_t` is `[B, G*H]` and is written over the rows (dead once
+      `prepare` has read them) instead of into a buffer of its own.
     """
 
     loop_bias: Callable[..., tuple[Array, Array | None]]
-    forward: Callable[..., tuple[tuple[Array, ...], Any]]
+    forward: Callable[..., tuple[tuple[Array, ...], Array | None, Any]]
     prepare: Callable[..., Any]
     backward: Callable[..., tuple[tuple[Array, ...], Array]]
     finish: Callable[..., tuple[Array, Array]]
+    out_over_rows: bool
 
 
 def _fold_all(b_hh: Array) -> tuple[Array, None]:
@@ -94,11 +105,12 @@ def _by_gate(array: Array, gates: int) -> Array:
 def _elman_forward(w_t, b_in_loop, carry_in, x_t):
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
     (h,) = carry_in
-    return (jnp.tanh(x_t + h @ w_t),), None
+    h = jnp.tanh(x_t + h @ w_t)
+    return (h,), h, None
 
 
-def _elman_prepare(carry_ins, carry_outs, saved):
-    return _tanh_grad(carry_outs[0])
+def _elman_prepare(carry_ins, carry_outs, rows, extras):
+    return _tanh_grad(rows)
 
 
 def _elman_backward(w_hh, tanh_grad, dcarry_out):
@@ -126,10 +138,12 @@ def _gru_forward(w_t, b_hn, carry_in, x_t):
     r, z = r_z[:, 0], r_z[:, 1]
     h_n = _by_gate(h_proj, 3)[:, 2] + _row(b_hn)
     n = jnp.tanh(_by_gate(x_t, 3)[:, 2] + r * h_n)
-    return ((1 - z) * n + z * h,), (r, z, n, h_n)
+    # No row: written over the projection, r, z, n (a concatenation) cost more than the
+    # four buffers of their own.
+    return ((1 - z) * n + z * h,), None, (r, z, n, h_n)
 
 
-def _gru_prepare(carry_ins, carry_outs, saved):
+def _gru_prepare(carry_ins, carry_outs, rows, saved):
     (h_in,) = carry_ins
     r, z, n, h_n = saved
     d_n = (1 - z) * _tanh_grad(n)
@@ -174,34 +188,35 @@ def _lstm_forward(w_t, b_in_loop, carry_in, x_t):
     gates = _lstm_activations(gates)
     i, f, g, o = (gates[:, k] for k in range(4))
     c = f * c + i * g
-    return (o * jnp.tanh(c), c), gates
+    return (o * jnp.tanh(c), c), gates.reshape(x_t.shape), None
 
 
-def _lstm_prepare(carry_ins, carry_outs, gates):
+def _lstm_prepare(carry_ins, carry_outs, gates, extras):
     _, c_in = carry_ins
     _, c_out = carry_outs
-    i, f, g, o = (gates[..., k, :] for k in range(4))
+    i, f, g, o = (_by_gate(gates, 4)[..., k, :] for k in range(4))
     tanh_c = jnp.tanh(c_out)
     # d_gates = [dc * i_factor, dc * f_factor, dc * g_factor, dh * o_factor], with
     # dc = dc_next + dh * c_factor.
     return (o * _tanh_grad(tanh_c), f,
             jnp.concatenate([g * _sigmoid_grad(i), c_in * _sigmoid_grad(f),
-                             i * _tanh_grad(g)], axis=-1),
-            tanh_c * _sigmoid_grad(o))
+                             i * _tanh_grad(g), tanh_c * _sigmoid_grad(o)], axis=-1))
 
 
 def _lstm_backward(w_hh, factors_t, dcarry_out):
-    c_factor, f, ifg_factor, o_factor = factors_t
+    c_factor, f, gate_factor = factors_t
     dh, dc = dcarry_out
     dc = dc + dh * c_factor
-    d_gates = jnp.concatenate([jnp.tile(dc, 3) * ifg_factor, dh * o_factor], axis=-1)
+    gate_factor = _by_gate(gate_factor, 4)
+    d_gates = jnp.concatenate([dc[:, None] * gate_factor[:, :3],
+                               (dh * gate_factor[:, 3])[:, None]], axis=1).reshape(dh.shape[0], -1)
     return (d_gates @ w_hh, dc * f), d_gates
 
 
 CELLS = {
-    "elman": _Cell(_fold_all, _elman_forward, _elman_prepare, _elman_backward, _same),
-    "gru": _Cell(_gru_bias, _gru_forward, _gru_prepare, _gru_backward, _gru_finish),
-    "lstm": _Cell(_fold_all, _lstm_forward, _lstm_prepare, _lstm_backward, _same),
+    "elman": _Cell(_fold_all, _elman_forward, _elman_prepare, _elman_backward, _same, True),
+    "gru": _Cell(_gru_bias, _gru_forward, _gru_prepare, _gru_backward, _gru_finish, False),
+    "lstm": _Cell(_fold_all, _lstm_forward, _lstm_prepare, _lstm_backward, _same, True),
 }
 
 
@@ -222,7 +237,7 @@ def step(cell: str, w_hh: Array, b_hh: Array, x_proj: Array, carry: Any,
     """
     folded, in_loop = CELLS[cell].loop_bias(b_hh)
     carry_in = tuple(_mask(reset, part) for part in _as_tuple(carry, cell))
-    carry_out, _ = CELLS[cell].forward(w_hh.T, in_loop, carry_in, x_proj + _row(folded))
+    carry_out, _, _ = CELLS[cell].forward(w_hh.T, in_loop, carry_in, x_proj + _row(folded))
     return _from_tuple(carry_out, cell)
 
 
@@ -253,46 +268,57 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
     """
     cell_fns = CELLS[cell]
 
-    def run(w_hh, b_hh, x_proj, carry, resets):
+    def run(w_hh, b_hh, x_proj, carry, resets, keep):
         folded, in_loop = cell_fns.loop_bias(b_hh)
         # Materialised once per window: a product against W_hh^T in row-major order is
         # faster on CPU than XLA's transposed-operand product, which it would fold back in.
         w_t = jax.lax.optimization_barrier(w_hh.T)
 
-        def body(carry_parts, step_inputs):
-            x_t, reset_t = step_inputs
+        def body(state, step_inputs):
+            carry_parts, rows = state
+            t, reset_t = step_inputs
+            x_t = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + _row(folded)
             carry_in = tuple(_mask(reset_t, part) for part in carry_parts)
-            carry_out, saved = cell_fns.forward(w_t, in_loop, carry_in, x_t)
-            return carry_out, (carry_out, saved)
+            carry_out, row, extra = cell_fns.forward(w_t, in_loop, carry_in, x_t)
+            if keep and row is not None:  # the step's projection row is read: reuse it
+                rows = jax.lax.dynamic_update_index_in_dim(rows, row, t, 0)
+            return (carry_out, rows), (carry_out, extra if keep else None)
 
-        carry_out, (carry_outs, saved) = jax.lax.scan(
-            body, _as_tuple(carry, cell), (x_proj + _row(folded)[None], resets))
-        return _from_tuple(carry_out, cell), carry_outs, saved
+        (carry_out, rows), (carry_outs, extras) = jax.lax.scan(
+            body, (_as_tuple(carry, cell), x_proj), (jnp.arange(x_proj.shape[0]), resets))
+        return _from_tuple(carry_out, cell), carry_outs, rows, extras
 
     @jax.custom_vjp
     def recurrent_layer(w_hh, b_hh, x_proj, carry, resets):
-        carry_out, carry_outs, _ = run(w_hh, b_hh, x_proj, carry, resets)
+        carry_out, carry_outs, _, _ = run(w_hh, b_hh, x_proj, carry, resets, keep=False)
         return carry_out, carry_outs[0]
 
     def forward(w_hh, b_hh, x_proj, carry, resets):
-        carry_out, carry_outs, saved = run(w_hh, b_hh, x_proj, carry, resets)
+        carry_out, carry_outs, rows, extras = run(w_hh, b_hh, x_proj, carry, resets, keep=True)
         return (carry_out, carry_outs[0]), (w_hh, _as_tuple(carry, cell), resets, carry_outs,
-                                            saved)
+                                            rows, extras)
 
     def backward(residuals, cotangents):
-        w_hh, carry, resets, carry_outs, saved = residuals
+        w_hh, carry, resets, carry_outs, rows, extras = residuals
         dcarry_out, dhs = cotangents
         carry_ins = _carry_ins(carry, carry_outs, resets)
-        factors = cell_fns.prepare(carry_ins, carry_outs, saved)
+        factors = cell_fns.prepare(carry_ins, carry_outs, rows, extras)
 
-        def body(dcarry_parts, step_inputs):
-            dh_t, reset_t, factors_t = step_inputs
+        def body(state, step_inputs):
+            dcarry_parts, outs = state
+            dh_t, reset_t, t, factors_t = step_inputs
             dcarry_parts = (dcarry_parts[0] + dh_t, *dcarry_parts[1:])
             dcarry_in, out_t = cell_fns.backward(w_hh, factors_t, dcarry_parts)
-            return tuple(_mask(reset_t, part) for part in dcarry_in), out_t
+            dcarry_in = tuple(_mask(reset_t, part) for part in dcarry_in)
+            if cell_fns.out_over_rows:  # `prepare` has read the rows: they are free now
+                return (dcarry_in, jax.lax.dynamic_update_index_in_dim(outs, out_t, t, 0)), None
+            return (dcarry_in, outs), out_t
 
-        dcarry, outs = jax.lax.scan(body, _as_tuple(dcarry_out, cell),
-                                    (dhs, resets, factors), reverse=True)
+        (dcarry, outs), stacked_outs = jax.lax.scan(
+            body, (_as_tuple(dcarry_out, cell), rows if cell_fns.out_over_rows else None),
+            (dhs, resets, jnp.arange(dhs.shape[0]), factors), reverse=True)
+        if not cell_fns.out_over_rows:
+            outs = stacked_outs
         dx_proj, dh_proj = cell_fns.finish(outs, factors)
         # All T*B rows at once: the weight gradient as one matrix product. (Contracting
         # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
