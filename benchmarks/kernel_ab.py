@@ -1,5 +1,6 @@
-"""A/B of the JAX model kernels: an older `tbptt_jax/models.py` against the current one and
-torch's fused trainer, on one configuration, in one process (the protocol of NOTES.md).
+"""A/B of the JAX model kernels: an older `tbptt_jax/models.py` (with the `_kernels.py` of
+the same revision, where it had one) against the current ones and torch's fused trainer,
+on one configuration, in one process (the protocol of NOTES.md).
 
 Each implementation runs one call of its trainer (all updates of a T-step sequence, Adam,
 MSE) from the same weights and data; after a first (compiling) call the three run in turn
@@ -35,18 +36,34 @@ TORCH_MODELS = {"elman": tbptt_torch.models.ElmanModel, "gru": tbptt_torch.model
                 "lstm": tbptt_torch.models.LSTMModel}
 
 
-def load_models_at(revision: str):
-    """`tbptt_jax/models.py` as it was at a git revision, imported as its own module."""
-    source = subprocess.run(["git", "show", f"{revision}:tbptt_jax/models.py"], check=True,
-                            capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "models_baseline.py")
+def _git_show(revision: str, path: str) -> str | None:
+    shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _load_source(name: str, source: str):
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
     with open(path, "w") as file:
         file.write(source)
-    spec = importlib.util.spec_from_file_location("models_baseline", path)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["models_baseline"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_models_at(revision: str):
+    """`tbptt_jax/models.py` as it was at a git revision, imported as its own module, with
+    the `tbptt_jax/_kernels.py` of that revision if it had one."""
+    source = _git_show(revision, "tbptt_jax/models.py")
+    if source is None:
+        raise SystemExit(f"no tbptt_jax/models.py at {revision}")
+    kernels = _git_show(revision, "tbptt_jax/_kernels.py")
+    if kernels is not None:
+        _load_source("kernels_baseline", kernels)
+        source = source.replace("from tbptt_jax import _kernels",
+                                "import kernels_baseline as _kernels")
+    return _load_source("models_baseline", source)
 
 
 def main(argv: list[str] | None = None) -> None:

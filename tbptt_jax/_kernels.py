@@ -6,11 +6,11 @@
 
 where `x_proj = xs @ W_ih^T + b_ih` is the input projection of every step, computed by
 the caller as one matrix product outside the recurrence, and G the number of gates. The
-forward pass is a `lax.scan` with one fused matrix product per step for all gates; the
-recurrent bias is added there too, inside the step's elementwise kernel, rather than in a
-pass of its own over the whole projection. What the backward pass needs of each step (the
-LSTM's gate activations, the Elman cell's h) is written over that step's row of the
-projection, which is dead once read: no zero-filled `[T, B, G*H]` buffer beside it.
+forward pass is a `lax.scan` with one fused matrix product per step for all gates. For
+the LSTM, what the backward pass needs of each step (the gate activations) is written
+over that step's row of the projection, which is dead once read: no zero-filled
+`[T, B, 4H]` buffer beside it; and the recurrent bias is added inside the step's
+elementwise kernel rather than in a pass of its own over the whole projection.
 
 Autodiff of a scan would accumulate `dW_hh` inside the reverse loop, one small `[G*H, B] x
 [B, H]` product and a read-modify-write of the whole weight gradient per step. The
@@ -19,8 +19,8 @@ gate gradients and the hidden-state gradient `dh = dgates @ W_hh`. The weight an
 gradients are then single large products over all T*B rows at once
 (`dW_hh = dgates^T @ h_in`), and the input-projection gradient is handed back whole, so
 `dW_ih` and `dxs` are single products too (autodiff of the projection does that). The
-reverse loop of the LSTM and the Elman cell writes each step's pre-activation gradients
-over those rows, which it no longer needs.
+LSTM's reverse loop writes each step's gate gradients over those rows in turn, which it no
+longer needs.
 
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
@@ -63,22 +63,25 @@ class _Cell(NamedTuple):
     """One cell, split the way the layer runs it.
 
     loop_bias(b_hh) -> (folded[G*H], in_loop or None): the part of the recurrent bias that
-      is added to the step's projection row, and the part that cannot be (the GRU's b_hn,
-      which the reset gate multiplies).
+      is added to the projection, and the part that cannot be (the GRU's b_hn, which the
+      reset gate multiplies).
     forward(w_t, b_in_loop, carry_in, x_t) -> (carry_out, row, extra): one step; `w_t` is
       W_hh^T `[H, G*H]`, `carry_in` the (already reset) carry, a tuple of `[B, H]` arrays
       whose first entry is h, and `x_t` the step's projection with the folded bias. What
-      the backward pass needs of the step beyond the carries: `row` `[B, G*H]` (or None),
-      written over the step's projection row, and `extra` (or None), kept in buffers of
-      their own.
+      the backward pass needs of the step beyond the carries: `row` `[B, G*H]` (None unless
+      `over_projection`), written over the step's projection row, and `extra` (or None),
+      kept in buffers of its own.
     prepare(carry_ins, carry_outs, rows, extras) -> factors: everything the backward step
       needs that does not depend on the gradient flowing back, for all T steps at once.
     backward(w_hh, factors_t, dcarry_out) -> (dcarry_in, out_t): one reverse step; only
       what is truly sequential.
     finish(outs, factors) -> (dx_proj, dh_proj): the gradients of the input projection and
       of `h_in W_hh^T + b_hh`, for all T steps at once, from what the reverse loop gave.
-    out_over_rows: whether `out_t` is `[B, G*H]` and is written over the rows (dead once
-      `prepare` has read them) instead of into a buffer of its own.
+    over_projection: whether the layer reuses the projection's buffer: `forward` writes a
+      `row` over each step's projection row, and `backward`'s `out_t` (`[B, G*H]`) is
+      written over the rows, dead once `prepare` has read them. Otherwise `row` is None,
+      the projection is only read, and the reverse loop's outputs get a buffer of their
+      own (for a small cell, the extra writes cost more than the buffers they save).
     """
 
     loop_bias: Callable[..., tuple[Array, Array | None]]
@@ -86,7 +89,7 @@ class _Cell(NamedTuple):
     prepare: Callable[..., Any]
     backward: Callable[..., tuple[tuple[Array, ...], Array]]
     finish: Callable[..., tuple[Array, Array]]
-    out_over_rows: bool
+    over_projection: bool
 
 
 def _fold_all(b_hh: Array) -> tuple[Array, None]:
@@ -105,12 +108,11 @@ def _by_gate(array: Array, gates: int) -> Array:
 def _elman_forward(w_t, b_in_loop, carry_in, x_t):
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh)."""
     (h,) = carry_in
-    h = jnp.tanh(x_t + h @ w_t)
-    return (h,), h, None
+    return (jnp.tanh(x_t + h @ w_t),), None, None
 
 
 def _elman_prepare(carry_ins, carry_outs, rows, extras):
-    return _tanh_grad(rows)
+    return _tanh_grad(carry_outs[0])
 
 
 def _elman_backward(w_hh, tanh_grad, dcarry_out):
@@ -138,8 +140,6 @@ def _gru_forward(w_t, b_hn, carry_in, x_t):
     r, z = r_z[:, 0], r_z[:, 1]
     h_n = _by_gate(h_proj, 3)[:, 2] + _row(b_hn)
     n = jnp.tanh(_by_gate(x_t, 3)[:, 2] + r * h_n)
-    # No row: written over the projection, r, z, n (a concatenation) cost more than the
-    # four buffers of their own.
     return ((1 - z) * n + z * h,), None, (r, z, n, h_n)
 
 
@@ -214,7 +214,7 @@ def _lstm_backward(w_hh, factors_t, dcarry_out):
 
 
 CELLS = {
-    "elman": _Cell(_fold_all, _elman_forward, _elman_prepare, _elman_backward, _same, True),
+    "elman": _Cell(_fold_all, _elman_forward, _elman_prepare, _elman_backward, _same, False),
     "gru": _Cell(_gru_bias, _gru_forward, _gru_prepare, _gru_backward, _gru_finish, False),
     "lstm": _Cell(_fold_all, _lstm_forward, _lstm_prepare, _lstm_backward, _same, True),
 }
@@ -239,6 +239,11 @@ def step(cell: str, w_hh: Array, b_hh: Array, x_proj: Array, carry: Any,
     carry_in = tuple(_mask(reset, part) for part in _as_tuple(carry, cell))
     carry_out, _, _ = CELLS[cell].forward(w_hh.T, in_loop, carry_in, x_proj + _row(folded))
     return _from_tuple(carry_out, cell)
+
+
+def _steps(per_step: Array) -> Array:
+    """The step indices 0..T-1 of a `[T, ...]` array."""
+    return jnp.arange(per_step.shape[0])
 
 
 def _carry_ins(carry: tuple[Array, ...], carry_outs: tuple[Array, ...],
@@ -274,18 +279,26 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         # faster on CPU than XLA's transposed-operand product, which it would fold back in.
         w_t = jax.lax.optimization_barrier(w_hh.T)
 
+        over_projection = cell_fns.over_projection
+
         def body(state, step_inputs):
             carry_parts, rows = state
-            t, reset_t = step_inputs
-            x_t = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + _row(folded)
+            t, x_t, reset_t = step_inputs
+            if over_projection:  # and the bias is added here, in the step's elementwise kernel
+                x_t = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + _row(folded)
             carry_in = tuple(_mask(reset_t, part) for part in carry_parts)
             carry_out, row, extra = cell_fns.forward(w_t, in_loop, carry_in, x_t)
-            if keep and row is not None:  # the step's projection row is read: reuse it
+            if keep and over_projection:  # the step's projection row is read: reuse it
                 rows = jax.lax.dynamic_update_index_in_dim(rows, row, t, 0)
             return (carry_out, rows), (carry_out, extra if keep else None)
 
+        # Over the projection the loop carries it and is given the step's index; else it is
+        # given the step's row with the bias (at B=1, H=16 adding the bias in the loop cost
+        # the Elman cell 30%).
         (carry_out, rows), (carry_outs, extras) = jax.lax.scan(
-            body, (_as_tuple(carry, cell), x_proj), (jnp.arange(x_proj.shape[0]), resets))
+            body, (_as_tuple(carry, cell), x_proj if over_projection else None),
+            (_steps(x_proj) if over_projection else None,
+             None if over_projection else x_proj + _row(folded)[None], resets))
         return _from_tuple(carry_out, cell), carry_outs, rows, extras
 
     @jax.custom_vjp
@@ -304,20 +317,22 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         carry_ins = _carry_ins(carry, carry_outs, resets)
         factors = cell_fns.prepare(carry_ins, carry_outs, rows, extras)
 
+        over_projection = cell_fns.over_projection
+
         def body(state, step_inputs):
             dcarry_parts, outs = state
-            dh_t, reset_t, t, factors_t = step_inputs
+            t, dh_t, reset_t, factors_t = step_inputs
             dcarry_parts = (dcarry_parts[0] + dh_t, *dcarry_parts[1:])
             dcarry_in, out_t = cell_fns.backward(w_hh, factors_t, dcarry_parts)
             dcarry_in = tuple(_mask(reset_t, part) for part in dcarry_in)
-            if cell_fns.out_over_rows:  # `prepare` has read the rows: they are free now
+            if over_projection:  # `prepare` has read the rows: they are free now
                 return (dcarry_in, jax.lax.dynamic_update_index_in_dim(outs, out_t, t, 0)), None
             return (dcarry_in, outs), out_t
 
         (dcarry, outs), stacked_outs = jax.lax.scan(
-            body, (_as_tuple(dcarry_out, cell), rows if cell_fns.out_over_rows else None),
-            (dhs, resets, jnp.arange(dhs.shape[0]), factors), reverse=True)
-        if not cell_fns.out_over_rows:
+            body, (_as_tuple(dcarry_out, cell), rows if over_projection else None),
+            (_steps(dhs) if over_projection else None, dhs, resets, factors), reverse=True)
+        if not over_projection:
             outs = stacked_outs
         dx_proj, dh_proj = cell_fns.finish(outs, factors)
         # All T*B rows at once: the weight gradient as one matrix product. (Contracting
