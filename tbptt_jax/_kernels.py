@@ -335,11 +335,14 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         if not over_projection:
             outs = stacked_outs
         dx_proj, dh_proj = cell_fns.finish(outs, factors)
-        # All T*B rows at once: the weight gradient as one matrix product. (Contracting
+        # All T*B rows at once: the weight gradient as one matrix product. Contracting
         # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
         # devices, a reshape would make XLA gather it; this way each device contracts its
-        # own rows and the partial products are summed.)
-        dw_hh = jnp.einsum("tbg,tbh->gh", dh_proj, carry_ins[0])
+        # own rows and the partial products are summed. And in the order (T, B), as
+        # autodiff contracts the same gradients with xs for dW_ih: XLA then lays them out
+        # once for both products and h_in not at all (an einsum contracted (B, T) and
+        # cost two more [T, B, G*H]-sized transposes).
+        dw_hh = jax.lax.dot_general(dh_proj, carry_ins[0], (((0, 1), (0, 1)), ((), ())))
         db_hh = dh_proj.sum(axis=(0, 1))
         return dw_hh, db_hh, dx_proj, _from_tuple(dcarry, cell), None
 
