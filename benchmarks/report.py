@@ -139,7 +139,9 @@ def render_markdown(results: dict[str, Any], name: str) -> str:
         f"Ignite {versions['pytorch-ignite']}, numpy {versions['numpy']}, tbptt "
         f"{versions['tbptt']}",
         f"- threads: torch {threads['torch_intra_op']} intra-op / {threads['torch_interop']} "
-        f"inter-op; JAX (XLA's own pool) {threads['jax_cpu']}",
+        f"inter-op; JAX (XLA's own pool) {threads['jax_cpu']}"
+        + (f"; jax-dp over {machine['jax_cpu_devices']} CPU devices"
+           if machine.get("jax_cpu_devices", 1) > 1 and settings["device"] == "cpu" else ""),
         f"- settings: {settings['device']}, {settings['dtype']}, {settings['optimizer']}, "
         f"reduction {settings['reduction']}, tail {settings['tail']}; first call, "
         f"{settings['warmup']} warm-up call(s), then {settings['repeats']} timed calls each, "

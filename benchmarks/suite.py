@@ -8,6 +8,11 @@ One *call* trains on the whole T-step sequence: all its updates.
 
 - `jax`: one call of `tbptt_jax.tbptt_train_step` (one compiled program), timed to
   `block_until_ready`;
+- `jax-dp`: the same call with the batch split over every device of the platform
+  (`tbptt_jax.sharding`): on a CPU, `tbptt bench` makes each physical core an XLA CPU
+  device, so the sequences run data parallel, one core each, instead of every small
+  per-step kernel being split over the cores; skipped with one device, or where the
+  batch does not divide (S);
 - `torch-hand`: the per-step hand loop of SPEC §0 (mean reduction, partial tail);
 - `torch-fused`: one call of `tbptt_torch.tbptt_train_step` (fused nn.RNN/GRU/LSTM per window);
 - `torch-ignite`: Ignite's `create_supervised_tbptt_trainer`, one `Engine.run` over the batch;
@@ -57,13 +62,14 @@ import torch
 import tbptt_jax
 import tbptt_torch
 from tbptt.schedule import plan
+from tbptt_jax import sharding
 
 SCHEMA = "tbptt-bench/1"
 LEARNING_RATE = 1e-3
 ROOT = Path(__file__).resolve().parent
 RESULTS_DIR = ROOT / "results"
 REFERENCE = "jax"  # the implementation every ratio and loss comparison is taken against
-IMPLEMENTATIONS = ("jax", "torch-hand", "torch-fused", "torch-ignite", "torch-compile",
+IMPLEMENTATIONS = ("jax", "jax-dp", "torch-hand", "torch-fused", "torch-ignite", "torch-compile",
                    "torch-cudnn")
 CELLS = ("elman", "gru", "lstm")
 GATES = {"elman": 1, "gru": 3, "lstm": 4}
@@ -247,6 +253,43 @@ class JaxImplementation(Implementation):
         return np.asarray(self._losses, np.float64)
 
 
+def platform_devices(device: str) -> list[Any]:
+    """JAX's devices of the suite's platform ("cpu" or "cuda")."""
+    return jax.devices("cpu" if device == "cpu" else "gpu")
+
+
+class JaxDataParallel(JaxImplementation):
+    """`jax` on a data mesh of every device of the platform: the batch split over them, the
+    parameters and optimizer state replicated, the gradient all-reduced (the same update as
+    `jax`'s, to float32 rounding)."""
+
+    name = "jax-dp"
+
+    @staticmethod
+    def skip_reason(problem: Problem) -> str | None:
+        devices = len(platform_devices(problem.device))
+        if devices < 2:
+            return f"one {problem.device} device: nothing to split the batch over"
+        if problem.config.batch % devices:
+            return f"batch {problem.config.batch} does not split over {devices} devices"
+        return None
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem)
+        mesh = sharding.data_mesh(platform_devices(problem.device))
+        self.params, self.opt_state, self.carry = sharding.shard_state(
+            mesh, self.params, self.opt_state, self.carry)
+        self.xs, self.ys, _ = sharding.shard_batch(mesh, self.xs, self.ys)
+
+
+def use_cores_as_devices() -> int:
+    """Makes each physical core an XLA CPU device (for `jax-dp`), if JAX has not started
+    its backends yet; returns the number of CPU devices JAX has."""
+    with contextlib.suppress(RuntimeError):  # backends already up: keep what there is
+        jax.config.update("jax_num_cpu_devices", physical_cores())
+    return len(jax.devices("cpu"))
+
+
 class _TorchImplementation(Implementation):
     """A fresh copy of the problem's torch model and a fresh Adam, on its device."""
 
@@ -415,8 +458,8 @@ class TorchCudnn(_TorchImplementation):
 
 
 IMPLEMENTATION_CLASSES: dict[str, type[Implementation]] = {
-    cls.name: cls for cls in (JaxImplementation, TorchHand, TorchFused, TorchIgnite,
-                              TorchCompile, TorchCudnn)}
+    cls.name: cls for cls in (JaxImplementation, JaxDataParallel, TorchHand, TorchFused,
+                              TorchIgnite, TorchCompile, TorchCudnn)}
 
 
 def _ignite() -> tuple[Any, Callable[..., Any]] | None:
@@ -492,7 +535,7 @@ def peak_memory(implementation: Implementation, device: str) -> dict[str, Any]:
     if resettable and peak is not None and before is not None:
         result["host_peak_growth_bytes"] = peak - before
     if device == "cuda":
-        if implementation.name == "jax":
+        if isinstance(implementation, JaxImplementation):
             result["device_peak_bytes"] = _jax_peak_bytes()
             result["device_peak_is_process_peak"] = True
         else:
@@ -677,6 +720,7 @@ def environment(device: str) -> dict[str, Any]:
         "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "jax_devices": [str(d) for d in jax.devices()],
+        "jax_cpu_devices": len(jax.devices("cpu")),
     }
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
@@ -869,8 +913,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tbptt bench: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(threads)
-    jax.config.update("jax_default_device", jax.devices(args.device if args.device == "cpu"
-                                                        else "gpu")[0])
+    if args.device == "cpu":
+        use_cores_as_devices()
+    jax.config.update("jax_default_device", platform_devices(args.device)[0])
     pin_precision()
     name = args.name or (f"{args.device}{'-quick' if args.quick else ''}"
                          + ("" if args.dtype == "float32" else f"-{args.dtype}"))

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +80,51 @@ def test_only_cuda_runs_the_cudnn_baseline_and_k2_skips_the_hand_loops():
     assert reasons["torch-cudnn"] == "cuDNN needs --device cuda"
     assert "k2 > k1" in reasons["torch-hand"] and "k2 > k1" in reasons["torch-ignite"]
     assert reasons["jax"] is reasons["torch-fused"] is reasons["torch-compile"] is None
+
+
+# In a fresh process (the number of CPU devices is fixed when JAX's backends start):
+# jax-dp on two CPU devices against jax on one, from the same problem.
+_DATA_PARALLEL_WORKER = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+from benchmarks import suite
+config = suite.Config("tiny-dp", 3, 8, 3, 2, 4, 25, 10, 10, "regression", "")
+out = {}
+for cell in ("gru", "lstm"):
+    problem = suite.make_problem(config, cell, seed=5)
+    for name in ("jax", "jax-dp"):
+        implementation = suite.IMPLEMENTATION_CLASSES[name](problem)
+        implementation.call()
+        out[f"{cell} {name}"] = implementation.losses().tolist()
+    out[f"{cell} devices"] = [str(leaf.sharding.device_set) for leaf in
+                              jax.tree.leaves(implementation.params)][:1]
+odd = suite.make_problem(suite.replace(config, batch=3), "lstm")
+out["odd batch"] = suite.JaxDataParallel.skip_reason(odd)
+json.dump(out, sys.stdout)
+"""
+
+
+def test_jax_dp_trains_the_same_updates_with_the_batch_over_two_devices():
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_WORKER], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    for cell in ("gru", "lstm"):
+        single, split = np.array(out[f"{cell} jax"]), np.array(out[f"{cell} jax-dp"])
+        assert single.shape == (3,) and np.ptp(single) > 0
+        np.testing.assert_allclose(split, single, rtol=RTOL, err_msg=cell)
+        assert "id=1" in out[f"{cell} devices"][0]  # the parameters live on both devices
+    assert out["odd batch"] == "batch 3 does not split over 2 devices"
+
+
+def test_jax_dp_is_skipped_on_one_device():
+    if len(suite.platform_devices("cpu")) > 1:
+        pytest.skip("this process has several CPU devices")
+    reason = suite.JaxDataParallel.skip_reason(suite.make_problem(TINY, "lstm"))
+    assert reason == "one cpu device: nothing to split the batch over"
 
 
 def replace_k2(config: suite.Config, k2: int) -> suite.Config:
@@ -196,8 +245,8 @@ def test_bench_options_defaults_quick_and_errors(capsys):
     options = suite._options(parser.parse_args([]))
     assert {c.name: c.steps for c in options["configs"]} == {
         "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175}
-    assert options["implementations"] == ["jax", "torch-hand", "torch-fused", "torch-ignite",
-                                          "torch-compile"]
+    assert options["implementations"] == ["jax", "jax-dp", "torch-hand", "torch-fused",
+                                          "torch-ignite", "torch-compile"]
     assert (options["repeats"], options["warmup"], options["memory_steps"]) == \
         (5, 1, (10_000, 100_000))
     assert options["full_steps"]["L"] == 1000

@@ -1,8 +1,9 @@
 """Benchmark the JAX and PyTorch TBPTT trainers against each other (benchmarks/suite.py).
 
 Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM) for every chosen cell
-(Elman, GRU, LSTM) through every chosen implementation (jax, torch-hand, torch-fused,
-torch-ignite, torch-compile; torch-cudnn on CUDA), all from the same initial weights and
+(Elman, GRU, LSTM) through every chosen implementation (jax, jax-dp: the batch split over
+the cores as XLA CPU devices, torch-hand, torch-fused, torch-ignite, torch-compile;
+torch-cudnn on CUDA), all from the same initial weights and
 data, interleaved, with warm-up and repeats; then the streamed-memory check (T = 1e4 vs
 1e6 steps; 1e5 on a CPU by default, see --memory-steps). Writes <out>/<name>.json
 (versions, machine, thread counts, settings, every repeat), and from it <out>/<name>.md
@@ -26,8 +27,8 @@ from pathlib import Path
 
 CONFIG_NAMES = ("S", "M", "M-k2", "L", "char-rnn", "word-LM")
 CELL_NAMES = ("elman", "gru", "lstm")
-IMPLEMENTATION_NAMES = ("jax", "torch-hand", "torch-fused", "torch-ignite", "torch-compile",
-                        "torch-cudnn")
+IMPLEMENTATION_NAMES = ("jax", "jax-dp", "torch-hand", "torch-fused", "torch-ignite",
+                        "torch-compile", "torch-cudnn")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
