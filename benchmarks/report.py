@@ -39,6 +39,9 @@ class Target(NamedTuple):
     value: float | None  # the measured figure; None when it could not be measured
     threshold: float
     passed: bool | None  # None when value is None
+    # For a time ratio: its lowest and highest value over the rounds of timed calls (each
+    # round times every implementation once, back to back), a measure of the run's noise.
+    spread: tuple[float, float] | None = None
 
 
 def _impl(benchmark: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -54,9 +57,22 @@ def time_ratio(benchmark: dict[str, Any], name: str, reference: str = "jax") -> 
     return entry["median_s"] / ref["median_s"]
 
 
-def _at_least(key: str, subject: str, value: float | None) -> Target:
+def round_ratios(benchmark: dict[str, Any], name: str, reference: str = "jax"
+                 ) -> list[float] | None:
+    """`time_ratio` within each round of timed calls: `name`'s time over the reference's
+    time of the same round."""
+    entry, ref = _impl(benchmark, name), _impl(benchmark, reference)
+    if entry is None or ref is None or not entry.get("times_s") or \
+            len(entry["times_s"]) != len(ref.get("times_s", ())):
+        return None
+    return [mine / theirs for mine, theirs in zip(entry["times_s"], ref["times_s"], strict=True)]
+
+
+def _at_least(key: str, subject: str, value: float | None,
+              rounds: list[float] | None = None) -> Target:
     threshold = TARGETS[key][1]
-    return Target(key, subject, value, threshold, None if value is None else value >= threshold)
+    return Target(key, subject, value, threshold, None if value is None else value >= threshold,
+                  None if not rounds else (min(rounds), max(rounds)))
 
 
 def _at_most(key: str, subject: str, value: float | None) -> Target:
@@ -71,10 +87,12 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
     for benchmark in results["benchmarks"]:
         subject = f"{benchmark['config']} {benchmark['cell']}"
         fused = time_ratio(benchmark, "torch-fused")
-        targets.append(_at_least("fused", subject, fused))
+        fused_rounds = round_ratios(benchmark, "torch-fused")
+        targets.append(_at_least("fused", subject, fused, fused_rounds))
         if benchmark["config"] == "S":
-            targets.append(_at_least("fused-S", subject, fused))
-            targets.append(_at_least("hand-S", subject, time_ratio(benchmark, "torch-hand")))
+            targets.append(_at_least("fused-S", subject, fused, fused_rounds))
+            targets.append(_at_least("hand-S", subject, time_ratio(benchmark, "torch-hand"),
+                                     round_ratios(benchmark, "torch-hand")))
         jax_entry = _impl(benchmark, "jax")
         if benchmark["config"] == "L" and benchmark["cell"] == "lstm":
             share = None if jax_entry is None or not matmul else jax_entry["gflops"] / matmul
@@ -202,11 +220,16 @@ def render_markdown(results: dict[str, Any], name: str) -> str:
 
 
 def _targets_markdown(results: dict[str, Any]) -> list[str]:
-    lines = ["## Targets", "", "| target | on | measured | threshold | result |",
-             "| --- | --- | ---: | ---: | --- |"]
+    lines = ["## Targets", "",
+             "measured: the ratio of the medians; per round: the lowest and highest ratio "
+             "within one round of the timed calls, how far this run's figure moves.", "",
+             "| target | on | measured | per round | threshold | result |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
     for target in evaluate_targets(results):
+        spread = "" if target.spread is None else \
+            f"{_fmt(target.spread[0])}-{_fmt(target.spread[1])}"
         lines.append(f"| {TARGETS[target.key][0]} | {target.subject} | {_fmt(target.value)} "
-                     f"| {_fmt(target.threshold)} | {_verdict(target.passed)} |")
+                     f"| {spread} | {_fmt(target.threshold)} | {_verdict(target.passed)} |")
     return lines + [""]
 
 

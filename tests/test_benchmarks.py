@@ -204,7 +204,8 @@ def test_targets_from_a_hand_made_results_dict():
                        torch_hand=_entry(25.0)),
             _benchmark("S", "gru", jax=_entry(2.0), torch_fused=_entry(8.0),
                        torch_hand={"status": "failed", "error": "boom"}),
-            _benchmark("M", "lstm", jax=_entry(1.0, compile_s=6.0), torch_fused=_entry(0.9)),
+            _benchmark("M", "lstm", jax=_entry(1.0, compile_s=6.0, times_s=[1.0, 2.0, 1.0]),
+                       torch_fused=_entry(0.9, times_s=[0.9, 1.0, 1.2])),
             _benchmark("L", "lstm", jax=_entry(1.0, gflops=80.0), torch_fused=_entry(1.0)),
             _benchmark("L", "gru", jax=_entry(1.0, gflops=10.0),
                        torch_fused={"status": "skipped", "reason": "x"}),
@@ -222,6 +223,10 @@ def test_targets_from_a_hand_made_results_dict():
         ("fused", "L gru", None, None),
         ("memory", "jax", 1.05, True), ("memory", "torch", 1.2, False),
     ]
+    # The per-round ratios of M lstm are 0.9, 0.5 and 1.2; elsewhere no times were given.
+    spreads = {(t.key, t.subject): t.spread for t in report.evaluate_targets(results)}
+    assert spreads[("fused", "M lstm")] == pytest.approx((0.5, 1.2))
+    assert spreads[("fused", "S lstm")] is None and spreads[("memory", "jax")] is None
 
 
 def test_memory_child_reports_its_own_peak():
