@@ -2,23 +2,25 @@
 
 `layer(cell)` gives the function `tbptt_jax.models` runs for each recurrent layer:
 
-    (w_hh, b_hh, x_proj[T, B, G*H], carry, resets[T, B] | None) -> (carry, hs[T, B, H])
+    (w_hh, b_hh, b_ih, x_proj[T, B, G*H], carry, resets[T, B] | None) -> (carry, hs[T, B, H])
 
-where `x_proj = xs @ W_ih^T + b_ih` is the input projection of every step, computed by
-the caller as one matrix product outside the recurrence, and G the number of gates. The
-forward pass is a `lax.scan` with one fused matrix product per step for all gates. For
-the LSTM, what the backward pass needs of each step (the gate activations) is written
-over that step's row of the projection, which is dead once read: no zero-filled
-`[T, B, 4H]` buffer beside it; and the recurrent bias is added inside the step's
-elementwise kernel rather than in a pass of its own over the whole projection.
+where `x_proj = xs @ W_ih^T` is the input projection of every step, computed by the
+caller as one matrix product outside the recurrence, and G the number of gates. The two
+biases are the layer's to add: where they sum (every gate but the GRU's n) they are added
+once, as one vector. The forward pass is a `lax.scan` with one fused matrix product per
+step for all gates. For the LSTM, what the backward pass needs of each step (the gate
+activations) is written over that step's row of the projection, which is dead once read:
+no zero-filled `[T, B, 4H]` buffer beside it; and the biases are added inside the step's
+elementwise kernel rather than in passes of their own over the whole projection.
 
 Autodiff of a scan would accumulate `dW_hh` inside the reverse loop, one small `[G*H, B] x
 [B, H]` product and a read-modify-write of the whole weight gradient per step. The
 backward pass here (a `custom_vjp`) runs only what is truly sequential in reverse: the
 gate gradients and the hidden-state gradient `dh = dgates @ W_hh`. The weight and bias
 gradients are then single large products over all T*B rows at once
-(`dW_hh = dgates^T @ h_in`), and the input-projection gradient is handed back whole, so
-`dW_ih` and `dxs` are single products too (autodiff of the projection does that). The
+(`dW_hh = dgates^T @ h_in`, the biases' as sums over them), and the input-projection
+gradient is handed back whole, so `dW_ih` and `dxs` are single products too (autodiff of
+the projection does that). The
 LSTM's reverse loop writes each step's gate gradients over those rows in turn, which it no
 longer needs.
 
@@ -62,12 +64,12 @@ def _row(vector: Array) -> Array:
 class _Cell(NamedTuple):
     """One cell, split the way the layer runs it.
 
-    loop_bias(b_hh) -> (folded[G*H], in_loop or None): the part of the recurrent bias that
-      is added to the projection, and the part that cannot be (the GRU's b_hn, which the
+    loop_bias(b_ih, b_hh) -> (folded[G*H], in_loop or None): the biases as one vector added
+      to the projection, and the part of b_hh that cannot be (the GRU's b_hn, which the
       reset gate multiplies).
     forward(w_t, b_in_loop, carry_in, x_t) -> (carry_out, row, extra): one step; `w_t` is
       W_hh^T `[H, G*H]`, `carry_in` the (already reset) carry, a tuple of `[B, H]` arrays
-      whose first entry is h, and `x_t` the step's projection with the folded bias. What
+      whose first entry is h, and `x_t` the step's projection with the folded biases. What
       the backward pass needs of the step beyond the carries: `row` `[B, G*H]` (None unless
       `over_projection`), written over the step's projection row, and `extra` (or None),
       kept in buffers of its own.
@@ -92,8 +94,8 @@ class _Cell(NamedTuple):
     over_projection: bool
 
 
-def _fold_all(b_hh: Array) -> tuple[Array, None]:
-    return b_hh, None
+def _fold_all(b_ih: Array, b_hh: Array) -> tuple[Array, None]:
+    return b_ih + b_hh, None
 
 
 def _same(outs: Array, factors: Any) -> tuple[Array, Array]:
@@ -121,9 +123,9 @@ def _elman_backward(w_hh, tanh_grad, dcarry_out):
     return (d_pre @ w_hh,), d_pre
 
 
-def _gru_bias(b_hh: Array) -> tuple[Array, Array]:
+def _gru_bias(b_ih: Array, b_hh: Array) -> tuple[Array, Array]:
     b_hr_z, b_hn = jnp.split(b_hh, [2 * (b_hh.shape[0] // 3)])
-    return jnp.concatenate([b_hr_z, jnp.zeros_like(b_hn)]), b_hn
+    return b_ih + jnp.concatenate([b_hr_z, jnp.zeros_like(b_hn)]), b_hn
 
 
 def _gru_forward(w_t, b_hn, carry_in, x_t):
@@ -228,14 +230,14 @@ def _from_tuple(parts: tuple[Array, ...], cell: str) -> Any:
     return parts if cell == "lstm" else parts[0]
 
 
-def step(cell: str, w_hh: Array, b_hh: Array, x_proj: Array, carry: Any,
+def step(cell: str, w_hh: Array, b_hh: Array, b_ih: Array, x_proj: Array, carry: Any,
          reset: Array | None = None) -> Any:
     """One step of `cell` with plain autodiff: the reference `layer` is held to.
 
-    Takes `x_proj[B, G*H]` (`x W_ih^T + b_ih`) and the carry before the step (h `[B, H]`,
-    or `(h, c)`), and returns the carry after it.
+    Takes `x_proj[B, G*H]` (`x W_ih^T`) and the carry before the step (h `[B, H]`, or
+    `(h, c)`), and returns the carry after it.
     """
-    folded, in_loop = CELLS[cell].loop_bias(b_hh)
+    folded, in_loop = CELLS[cell].loop_bias(b_ih, b_hh)
     carry_in = tuple(_mask(reset, part) for part in _as_tuple(carry, cell))
     carry_out, _, _ = CELLS[cell].forward(w_hh.T, in_loop, carry_in, x_proj + _row(folded))
     return _from_tuple(carry_out, cell)
@@ -264,7 +266,8 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
     Args (of the returned function):
       w_hh: `[G*H, H]`, the recurrent weights (torch's `weight_hh_l*`).
       b_hh: `[G*H]`, the recurrent bias (torch's `bias_hh_l*`).
-      x_proj: `[T, B, G*H]`, the input projection of every step, `xs @ W_ih^T + b_ih`.
+      b_ih: `[G*H]`, the input bias (torch's `bias_ih_l*`).
+      x_proj: `[T, B, G*H]`, the input projection of every step, `xs @ W_ih^T`.
       carry: the layer's state before step 0: h `[B, H]`, or `(h, c)` for the LSTM.
       resets: None, or bool `[T, B]`: where true the carry is zeroed before that step.
 
@@ -273,8 +276,8 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
     """
     cell_fns = CELLS[cell]
 
-    def run(w_hh, b_hh, x_proj, carry, resets, keep):
-        folded, in_loop = cell_fns.loop_bias(b_hh)
+    def run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep):
+        folded, in_loop = cell_fns.loop_bias(b_ih, b_hh)
         # Materialised once per window: a product against W_hh^T in row-major order is
         # faster on CPU than XLA's transposed-operand product, which it would fold back in.
         w_t = jax.lax.optimization_barrier(w_hh.T)
@@ -284,7 +287,7 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         def body(state, step_inputs):
             carry_parts, rows = state
             t, x_t, reset_t = step_inputs
-            if over_projection:  # and the bias is added here, in the step's elementwise kernel
+            if over_projection:  # and the biases are added here, in the step's elementwise kernel
                 x_t = jax.lax.dynamic_index_in_dim(rows, t, keepdims=False) + _row(folded)
             carry_in = tuple(_mask(reset_t, part) for part in carry_parts)
             carry_out, row, extra = cell_fns.forward(w_t, in_loop, carry_in, x_t)
@@ -302,12 +305,13 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         return _from_tuple(carry_out, cell), carry_outs, rows, extras
 
     @jax.custom_vjp
-    def recurrent_layer(w_hh, b_hh, x_proj, carry, resets):
-        carry_out, carry_outs, _, _ = run(w_hh, b_hh, x_proj, carry, resets, keep=False)
+    def recurrent_layer(w_hh, b_hh, b_ih, x_proj, carry, resets):
+        carry_out, carry_outs, _, _ = run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep=False)
         return carry_out, carry_outs[0]
 
-    def forward(w_hh, b_hh, x_proj, carry, resets):
-        carry_out, carry_outs, rows, extras = run(w_hh, b_hh, x_proj, carry, resets, keep=True)
+    def forward(w_hh, b_hh, b_ih, x_proj, carry, resets):
+        carry_out, carry_outs, rows, extras = run(w_hh, b_hh, b_ih, x_proj, carry, resets,
+                                                  keep=True)
         return (carry_out, carry_outs[0]), (w_hh, _as_tuple(carry, cell), resets, carry_outs,
                                             rows, extras)
 
@@ -344,7 +348,8 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         # cost two more [T, B, G*H]-sized transposes).
         dw_hh = jax.lax.dot_general(dh_proj, carry_ins[0], (((0, 1), (0, 1)), ((), ())))
         db_hh = dh_proj.sum(axis=(0, 1))
-        return dw_hh, db_hh, dx_proj, _from_tuple(dcarry, cell), None
+        db_ih = db_hh if dx_proj is dh_proj else dx_proj.sum(axis=(0, 1))
+        return dw_hh, db_hh, db_ih, dx_proj, _from_tuple(dcarry, cell), None
 
     recurrent_layer.defvjp(forward, backward)
     return recurrent_layer

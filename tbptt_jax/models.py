@@ -122,12 +122,13 @@ class RecurrentModel:
         layer_inputs = xs
         final_carries = []
         for layer in range(self.num_layers):
-            # One matrix product for the input projection of every step of the chunk.
-            projected = (layer_inputs @ params[f"rnn.weight_ih_l{layer}"].T
-                         + params[f"rnn.bias_ih_l{layer}"][None, None, :])
+            # One matrix product for the input projection of every step of the chunk (the
+            # layer adds the biases).
+            projected = layer_inputs @ params[f"rnn.weight_ih_l{layer}"].T
             layer_carry, layer_inputs = recurrent_layer(
-                params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"], projected,
-                self._layer_carry(carry, layer), resets)
+                params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"],
+                params[f"rnn.bias_ih_l{layer}"], projected, self._layer_carry(carry, layer),
+                resets)
             final_carries.append(layer_carry)
         return self._stack_layers(final_carries), self._readout(params, layer_inputs)
 
@@ -141,11 +142,10 @@ class RecurrentModel:
         layer_input = x
         new_carries = []
         for layer in range(self.num_layers):
-            x_proj = (layer_input @ params[f"rnn.weight_ih_l{layer}"].T
-                      + params[f"rnn.bias_ih_l{layer}"][None, :])
             layer_carry = _kernels.step(
                 self.cell, params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"],
-                x_proj, self._layer_carry(carry, layer), reset)
+                params[f"rnn.bias_ih_l{layer}"], layer_input @ params[f"rnn.weight_ih_l{layer}"].T,
+                self._layer_carry(carry, layer), reset)
             new_carries.append(layer_carry)
             layer_input = _hidden(layer_carry, self.cell)
         return self._stack_layers(new_carries), self._readout(params, layer_input)
