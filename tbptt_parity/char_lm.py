@@ -15,7 +15,7 @@ import importlib.metadata
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +26,7 @@ import torch
 import tbptt_jax
 import tbptt_torch
 from tbptt.text import VOCAB_SIZE, decode, encode, one_hot, segments
+from tbptt_jax import sharding
 from tbptt_parity._harness import CELLS
 
 # Adam's hyperparameters, shared by optax.adam and torch.optim.Adam (their defaults too).
@@ -64,19 +65,40 @@ def build_models(cell: str, hidden_size: int, num_layers: int, *, seed: int,
     return Models(jax_model, torch_model, tbptt_torch.to_jax(torch_model))
 
 
+def jax_devices(count: int) -> list[jax.Device]:
+    """The first `count` devices of JAX's default backend, to split the batch over. On a
+    CPU, asks XLA for `count` CPU devices first, which it can only do before JAX's first
+    operation in this process."""
+    if count > 1:
+        with contextlib.suppress(RuntimeError):  # backends up already: take what is there
+            jax.config.update("jax_num_cpu_devices", count)
+    devices = jax.devices()
+    if len(devices) < count:
+        raise ValueError(f"--jax-devices {count}: JAX has {len(devices)} "
+                         f"{devices[0].platform} device(s) in this process")
+    return devices[:count]
+
+
 def train_jax(model: tbptt_jax.models.RecurrentModel, params: dict, inputs: np.ndarray,
               targets: np.ndarray, *, k1: int, k2: int, segment_length: int, lr: float,
-              dtype: str = "float32", on_call: OnCall | None = None) -> tuple[dict, Run]:
+              dtype: str = "float32", devices: Sequence[jax.Device] = (),
+              on_call: OnCall | None = None) -> tuple[dict, Run]:
     """Trains `params` with `tbptt_jax.tbptt_train_step`, one call per segment of the
-    streams `inputs`, `targets` (codes `[T, B]`). float64 needs JAX's 64-bit mode on."""
+    streams `inputs`, `targets` (codes `[T, B]`). float64 needs JAX's 64-bit mode on.
+    With two or more `devices`, the streams are split over them (`tbptt_jax.sharding`)."""
     # One optimizer object for every call: a new one would be a new program to compile.
     optimizer = optax.adam(lr, b1=BETAS[0], b2=BETAS[1], eps=EPS)
     params = jax.tree.map(jax.numpy.asarray, params)
     opt_state = optimizer.init(params)
     carry = model.initial_carry(inputs.shape[1], np.dtype(dtype))
+    mesh = sharding.data_mesh(devices) if len(devices) > 1 else None
+    if mesh is not None:
+        params, opt_state, carry = sharding.shard_state(mesh, params, opt_state, carry)
     losses, seconds = [], []
     for xs, ys in segments(inputs, targets, segment_length, np.dtype(dtype)):
         start = time.perf_counter()
+        if mesh is not None:
+            xs, ys, _ = sharding.shard_batch(mesh, xs, ys)
         # The returned carry (an OverlapCarry when k2 > k1) continues the streams next call.
         params, opt_state, carry, metrics = tbptt_jax.tbptt_train_step(
             params, opt_state, carry, xs, ys, apply_fn=model.apply,
@@ -142,9 +164,11 @@ def set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def describe_devices() -> str:
-    return (f"JAX {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads")
+def describe_devices(devices: Sequence[jax.Device] = ()) -> str:
+    split = (f" ({len(devices)} devices, the batch split over them)" if len(devices) > 1
+             else "")
+    return (f"JAX {jax.__version__} on {jax.devices()[0].platform}{split}, torch "
+            f"{torch.__version__} with {torch.get_num_threads()} threads")
 
 
 def versions() -> dict[str, Any]:

@@ -112,8 +112,33 @@ def test_train_with_one_framework_plots_one_curve(tmp_path, capsys):
     assert matplotlib.image.imread(out / train.PLOT_NAME).shape[:2] == (round(4.5 * 110), 880)
 
 
+def test_train_splits_the_batch_over_two_jax_devices_with_the_same_updates(tmp_path):
+    # A fresh process: the number of CPU devices is fixed when JAX's backends start.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    out = tmp_path / "run"
+    arguments = ["train", "--text", str(corpus), "--hidden", "8", "--batch", "4", "--k1", "4",
+                 "--updates", "6", "--updates-per-call", "3", "--dtype", "float64",
+                 "--sample-length", "5", "--no-progress", "--jax-devices", "2",
+                 "--out", str(out)]
+    done = subprocess.run([sys.executable, "-m", "tbptt.cli", *arguments], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on cpu (2 devices, the batch split over them)" in done.stdout
+    log = json.loads((out / train.LOG_NAME).read_text())
+    assert log["config"]["jax_devices"] == 2
+    jax_losses, torch_losses = (np.array(log["runs"][n]["losses"]) for n in ("jax", "torch"))
+    assert jax_losses.shape == (6,) and np.ptp(jax_losses) > 0
+    # float64: the split batch trains the same updates as torch's whole one, to rounding.
+    np.testing.assert_allclose(jax_losses, torch_losses, rtol=1e-12)
+    assert log["sample"].startswith("def ")
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--k1", "5", "--k2", "4"], "--k2 must be >= --k1 = 5, got 4"),
+    (["--batch", "3", "--jax-devices", "2"],
+     "--batch must split evenly over --jax-devices = 2, got 3"),
+    (["--jax-devices", "0"], "--jax-devices must be >= 1, got 0"),
     (["--batch", "0"], "--batch must be >= 1, got 0"),
     (["--text", "/nonexistent/corpus.txt"], "--text must name a file"),
     (["--chars", "100", "--batch", "4"], "100 characters are too few for one call"),

@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_out: str | None = 
     training.add_argument("--seed", type=int, default=0,
                           help="seed of the initial weights and of the sampling (default: "
                                "%(default)s)")
+    training.add_argument("--jax-devices", type=int, default=1,
+                          help="split the batch over this many JAX devices, data parallel "
+                               "(tbptt_jax.sharding; the same updates); on a CPU each becomes "
+                               "an XLA CPU device, so slices of the batch run side by side, "
+                               "which is faster than one device at small sizes "
+                               "(default: %(default)s)")
     training.add_argument("--torch-threads", type=int, default=1,
                           help="torch.set_num_threads: at these sizes a second thread gains "
                                "little, and on a busy machine torch's OpenMP threads wait on "
@@ -124,9 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_out: str | None = 
 def check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, or None."""
     for name in ("hidden", "layers", "k1", "batch", "updates_per_call", "checked_updates",
-                 "torch_threads", "print_every"):
+                 "jax_devices", "torch_threads", "print_every"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.batch % args.jax_devices:
+        return (f"--batch must split evenly over --jax-devices = {args.jax_devices}, "
+                f"got {args.batch}")
     for name in ("chars", "updates"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             return f"--{name} must be >= 1, got {getattr(args, name)}"
@@ -199,6 +208,7 @@ def _train(args: argparse.Namespace) -> int:
           f"TBPTT(k1={args.k1}, k2={k2})")
 
     with char_lm.precision(args.dtype):
+        jax_devices = char_lm.jax_devices(args.jax_devices)
         char_lm.set_torch_threads(args.torch_threads)
         models = char_lm.build_models(args.cell, args.hidden, args.layers, seed=args.seed,
                                       dtype=args.dtype)
@@ -206,7 +216,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"model     {CELL_NAMES[args.cell]}, {args.layers} layer(s) of {args.hidden}, "
               f"{parameters:,} parameters, {args.dtype}; Adam lr={args.lr}, "
               f"betas={char_lm.BETAS}, eps={char_lm.EPS}")
-        print(f"devices   {char_lm.describe_devices()}")
+        print(f"devices   {char_lm.describe_devices(jax_devices)}")
         sys.stdout.flush()
 
         train = dict(k1=args.k1, k2=k2, segment_length=segment_length, lr=args.lr)
@@ -220,7 +230,7 @@ def _train(args: argparse.Namespace) -> int:
             if name == "jax":
                 params, runs[name] = char_lm.train_jax(
                     models.jax_model, models.params, inputs, targets, dtype=args.dtype,
-                    on_call=on_call, **train)
+                    devices=jax_devices, on_call=on_call, **train)
             else:
                 runs[name] = char_lm.train_torch(models.torch_model, inputs, targets,
                                                  on_call=on_call, **train)
