@@ -282,12 +282,11 @@ class JaxDataParallel(JaxImplementation):
         self.xs, self.ys, _ = sharding.shard_batch(mesh, self.xs, self.ys)
 
 
-def use_cores_as_devices() -> int:
+def use_cores_as_devices() -> None:
     """Makes each physical core an XLA CPU device (for `jax-dp`), if JAX has not started
-    its backends yet; returns the number of CPU devices JAX has."""
+    its backends yet (the results record how many CPU devices there were)."""
     with contextlib.suppress(RuntimeError):  # backends already up: keep what there is
         jax.config.update("jax_num_cpu_devices", physical_cores())
-    return len(jax.devices("cpu"))
 
 
 class _TorchImplementation(Implementation):

@@ -20,9 +20,8 @@ gate gradients and the hidden-state gradient `dh = dgates @ W_hh`. The weight an
 gradients are then single large products over all T*B rows at once
 (`dW_hh = dgates^T @ h_in`, the biases' as sums over them), and the input-projection
 gradient is handed back whole, so `dW_ih` and `dxs` are single products too (autodiff of
-the projection does that). The
-LSTM's reverse loop writes each step's gate gradients over those rows in turn, which it no
-longer needs.
+the projection does that). The LSTM's reverse loop writes each step's gate gradients over
+those rows in turn, which it no longer needs.
 
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.

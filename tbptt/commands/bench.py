@@ -3,11 +3,11 @@
 Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM) for every chosen cell
 (Elman, GRU, LSTM) through every chosen implementation (jax, jax-dp: the batch split over
 the cores as XLA CPU devices, torch-hand, torch-fused, torch-ignite, torch-compile;
-torch-cudnn on CUDA), all from the same initial weights and
-data, interleaved, with warm-up and repeats; then the streamed-memory check (T = 1e4 vs
-1e6 steps; 1e5 on a CPU by default, see --memory-steps). Writes <out>/<name>.json
-(versions, machine, thread counts, settings, every repeat), and from it <out>/<name>.md
-(the table, ratios and targets) and PNG plots.
+torch-cudnn on CUDA), all from the same initial weights and data, interleaved, with
+warm-up and repeats; then the streamed-memory check (T = 1e4 vs 1e6 steps; 1e5 on a CPU
+by default, see --memory-steps). Writes <out>/<name>.json (versions, machine, thread
+counts, settings, every repeat), and from it <out>/<name>.md (the table, ratios and
+targets) and PNG plots.
 
 Needs a source checkout (the `benchmarks/` folder beside the packages), JAX and PyTorch;
 Ignite is optional (its implementation is reported as skipped without it).
