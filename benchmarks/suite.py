@@ -282,13 +282,6 @@ class JaxDataParallel(JaxImplementation):
         self.xs, self.ys, _ = sharding.shard_batch(mesh, self.xs, self.ys)
 
 
-def use_cores_as_devices() -> None:
-    """Makes each physical core an XLA CPU device (for `jax-dp`), if JAX has not started
-    its backends yet (the results record how many CPU devices there were)."""
-    with contextlib.suppress(RuntimeError):  # backends already up: keep what there is
-        jax.config.update("jax_num_cpu_devices", physical_cores())
-
-
 class _TorchImplementation(Implementation):
     """A fresh copy of the problem's torch model and a fresh Adam, on its device."""
 
@@ -912,8 +905,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"tbptt bench: {error}", file=sys.stderr)
         return 2
     torch.set_num_threads(threads)
-    if args.device == "cpu":
-        use_cores_as_devices()
+    if args.device == "cpu":  # one CPU device per core, for jax-dp (the results record them)
+        sharding.request_cpu_devices(physical_cores())
     jax.config.update("jax_default_device", platform_devices(args.device)[0])
     pin_precision()
     name = args.name or (f"{args.device}{'-quick' if args.quick else ''}"

@@ -347,7 +347,7 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
         # cost two more [T, B, G*H]-sized transposes).
         dw_hh = jax.lax.dot_general(dh_proj, carry_ins[0], (((0, 1), (0, 1)), ((), ())))
         db_hh = dh_proj.sum(axis=(0, 1))
-        db_ih = db_hh if dx_proj is dh_proj else dx_proj.sum(axis=(0, 1))
+        db_ih = dx_proj.sum(axis=(0, 1))  # for the LSTM and Elman cells, db_hh: XLA merges them
         return dw_hh, db_hh, db_ih, dx_proj, _from_tuple(dcarry, cell), None
 
     recurrent_layer.defvjp(forward, backward)

@@ -12,10 +12,14 @@ the same shardings, so the next call neither moves data nor recompiles.
 On several processes (one per host, after `jax.distributed.initialize`), each process
 holds the rows `process_rows(mesh, B)` of the batch and passes `local=True`: its rows
 become its part of one global array (`jax.make_array_from_process_local_data`).
+
+On one multi-core CPU, `request_cpu_devices` (before JAX's first operation) makes the cores
+devices of their own, so the same placement splits the batch over them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +32,18 @@ from tbptt_jax._trainer import OverlapCarry
 Array = jax.Array
 
 DATA = "data"
+
+
+def request_cpu_devices(count: int) -> None:
+    """Asks XLA for `count` CPU devices, so that one machine's cores can share out the
+    batch (each device runs its slice on its own core; one device instead splits each
+    per-step kernel over the cores, which at small sizes leaves them idle). XLA fixes the
+    number when JAX's backends start, at the first JAX operation of the process: after
+    that this changes nothing, and `jax.devices("cpu")` says what there is."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    with contextlib.suppress(RuntimeError):  # the backends have started: keep what is there
+        jax.config.update("jax_num_cpu_devices", count)
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, *, axis: str = DATA) -> Mesh:

@@ -70,8 +70,7 @@ def jax_devices(count: int) -> list[jax.Device]:
     CPU, asks XLA for `count` CPU devices first, which it can only do before JAX's first
     operation in this process."""
     if count > 1:
-        with contextlib.suppress(RuntimeError):  # backends up already: take what is there
-            jax.config.update("jax_num_cpu_devices", count)
+        sharding.request_cpu_devices(count)
     devices = jax.devices()
     if len(devices) < count:
         raise ValueError(f"--jax-devices {count}: JAX has {len(devices)} "

@@ -87,7 +87,8 @@ def test_only_cuda_runs_the_cudnn_baseline_and_k2_skips_the_hand_loops():
 _DATA_PARALLEL_WORKER = """
 import json, sys
 import jax
-jax.config.update("jax_num_cpu_devices", 2)
+from tbptt_jax import sharding
+sharding.request_cpu_devices(2)
 from benchmarks import suite
 config = suite.Config("tiny-dp", 3, 8, 3, 2, 4, 25, 10, 10, "regression", "")
 out = {}
@@ -97,8 +98,7 @@ for cell in ("gru", "lstm"):
         implementation = suite.IMPLEMENTATION_CLASSES[name](problem)
         implementation.call()
         out[f"{cell} {name}"] = implementation.losses().tolist()
-    out[f"{cell} devices"] = [str(leaf.sharding.device_set) for leaf in
-                              jax.tree.leaves(implementation.params)][:1]
+    out[f"{cell} devices"] = str(jax.tree.leaves(implementation.params)[0].sharding.device_set)
 odd = suite.make_problem(suite.replace(config, batch=3), "lstm")
 out["odd batch"] = suite.JaxDataParallel.skip_reason(odd)
 json.dump(out, sys.stdout)
@@ -116,7 +116,7 @@ def test_jax_dp_trains_the_same_updates_with_the_batch_over_two_devices():
         single, split = np.array(out[f"{cell} jax"]), np.array(out[f"{cell} jax-dp"])
         assert single.shape == (3,) and np.ptp(single) > 0
         np.testing.assert_allclose(split, single, rtol=RTOL, err_msg=cell)
-        assert "id=1" in out[f"{cell} devices"][0]  # the parameters live on both devices
+        assert "id=1" in out[f"{cell} devices"]  # the parameters live on both devices
     assert out["odd batch"] == "batch 3 does not split over 2 devices"
 
 

@@ -196,6 +196,14 @@ def test_bad_arguments_are_named() -> None:
         sharding.shard_state(mesh, {}, (), np.zeros(4))
     with pytest.raises(ValueError, match="devices must name at least one device"):
         sharding.data_mesh([])
+    with pytest.raises(ValueError, match="count must be >= 1, got 0"):
+        sharding.request_cpu_devices(0)
+
+
+def test_cpu_devices_asked_for_after_the_backends_started_change_nothing() -> None:
+    before = jax.devices("cpu")  # starts the backends, if nothing had
+    sharding.request_cpu_devices(len(before) + 1)
+    assert jax.devices("cpu") == before
 
 
 def test_one_device_mesh_places_as_documented() -> None:
