@@ -30,11 +30,13 @@ plain one-step cells (`step`) that the tests hold these kernels to, values and g
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from tbptt_jax import _native
 
 Array = jax.Array
 
@@ -258,9 +260,32 @@ def _carry_ins(carry: tuple[Array, ...], carry_outs: tuple[Array, ...],
     return tuple(jnp.where(resets[:, :, None], jnp.zeros_like(part), part) for part in shifted)
 
 
+def _native_lstm_run(w_hh, b_hh, b_ih, x_proj, carry, resets):
+    """`run` for the LSTM by the compiled forward loop (`tbptt_jax._native`)."""
+    h0, c0 = carry
+    hs, cs, activations = _native.lstm_forward(w_hh, b_ih + b_hh, x_proj, h0, c0, resets)
+    return (hs[-1], cs[-1]), (hs, cs), activations, None
+
+
+def _native_lstm_reverse(w_hh, carry, resets, carry_outs, activations, dcarry_out, dhs):
+    """The LSTM's reverse loop by the compiled kernel: (gate gradients, dcarry before step 0)."""
+    (_, c0), (_, cs), (dh, dc) = carry, carry_outs, dcarry_out
+    d_gates, dh0, dc0 = _native.lstm_backward(w_hh, activations, cs, c0, resets, dhs, dh, dc)
+    return d_gates, (dh0, dc0)
+
+
+def _on_cpu(native: Callable[..., Any], pure: Callable[..., Any], *args: Any) -> Any:
+    """`native(*args)` where the program runs on CPU, `pure(*args)` elsewhere."""
+    return jax.lax.platform_dependent(*args, cpu=native, default=pure)
+
+
 @cache
-def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
+def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Array]]:
     """The layer function of `cell` ("elman", "gru" or "lstm"), with its custom backward.
+
+    `native`: run the LSTM's two loops by the compiled CPU kernels (`tbptt_jax._native`)
+    where the program runs on CPU; default: wherever they are available. The other cells
+    (and the LSTM on other platforms) run the pure-JAX loops below.
 
     Args (of the returned function):
       w_hh: `[G*H, H]`, the recurrent weights (torch's `weight_hh_l*`).
@@ -274,6 +299,12 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
       `(carry, hs)`: the state after the last step and the hidden states `[T, B, H]`.
     """
     cell_fns = CELLS[cell]
+    if native is None:
+        native = cell == "lstm" and _native.available()
+    if native and cell != "lstm":
+        raise ValueError(f"no compiled kernels for the {cell!r} cell, only for the LSTM")
+    if native and not _native.available():
+        raise RuntimeError("the compiled LSTM kernels are unavailable here (see the warning)")
 
     def run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep):
         folded, in_loop = cell_fns.loop_bias(b_ih, b_hh)
@@ -303,20 +334,26 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
              None if over_projection else x_proj + _row(folded)[None], resets))
         return _from_tuple(carry_out, cell), carry_outs, rows, extras
 
+    def run_on_platform(w_hh, b_hh, b_ih, x_proj, carry, resets, keep):
+        if not native:
+            return run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep)
+        return _on_cpu(_native_lstm_run, partial(run, keep=keep),
+                       w_hh, b_hh, b_ih, x_proj, carry, resets)
+
     @jax.custom_vjp
     def recurrent_layer(w_hh, b_hh, b_ih, x_proj, carry, resets):
-        carry_out, carry_outs, _, _ = run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep=False)
+        carry_out, carry_outs, _, _ = run_on_platform(w_hh, b_hh, b_ih, x_proj, carry, resets,
+                                                      keep=False)
         return carry_out, carry_outs[0]
 
     def forward(w_hh, b_hh, b_ih, x_proj, carry, resets):
-        carry_out, carry_outs, rows, extras = run(w_hh, b_hh, b_ih, x_proj, carry, resets,
-                                                  keep=True)
+        carry_out, carry_outs, rows, extras = run_on_platform(w_hh, b_hh, b_ih, x_proj, carry,
+                                                              resets, keep=True)
         return (carry_out, carry_outs[0]), (w_hh, _as_tuple(carry, cell), resets, carry_outs,
                                             rows, extras)
 
-    def backward(residuals, cotangents):
-        w_hh, carry, resets, carry_outs, rows, extras = residuals
-        dcarry_out, dhs = cotangents
+    def reverse(w_hh, carry, resets, carry_outs, rows, extras, dcarry_out, dhs):
+        """The reverse loop: (what it gives per step, dcarry before step 0)."""
         carry_ins = _carry_ins(carry, carry_outs, resets)
         factors = cell_fns.prepare(carry_ins, carry_outs, rows, extras)
 
@@ -333,11 +370,25 @@ def layer(cell: str) -> Callable[..., tuple[Any, Array]]:
             return (dcarry_in, outs), out_t
 
         (dcarry, outs), stacked_outs = jax.lax.scan(
-            body, (_as_tuple(dcarry_out, cell), rows if over_projection else None),
+            body, (dcarry_out, rows if over_projection else None),
             (_steps(dhs) if over_projection else None, dhs, resets, factors), reverse=True)
-        if not over_projection:
-            outs = stacked_outs
-        dx_proj, dh_proj = cell_fns.finish(outs, factors)
+        return cell_fns.finish(outs if over_projection else stacked_outs, factors), dcarry
+
+    def native_reverse(w_hh, carry, resets, carry_outs, rows, extras, dcarry_out, dhs):
+        d_gates, dcarry = _native_lstm_reverse(w_hh, carry, resets, carry_outs, rows,
+                                               dcarry_out, dhs)
+        return (d_gates, d_gates), dcarry
+
+    def backward(residuals, cotangents):
+        w_hh, carry, resets, carry_outs, rows, extras = residuals
+        dcarry_out, dhs = cotangents
+        reverse_args = (w_hh, carry, resets, carry_outs, rows, extras,
+                        _as_tuple(dcarry_out, cell), dhs)
+        if native:
+            (dx_proj, dh_proj), dcarry = _on_cpu(native_reverse, reverse, *reverse_args)
+        else:
+            (dx_proj, dh_proj), dcarry = reverse(*reverse_args)
+        carry_ins = _carry_ins(carry, carry_outs, resets)
         # All T*B rows at once: the weight gradient as one matrix product. Contracting
         # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
         # devices, a reshape would make XLA gather it; this way each device contracts its

@@ -1,0 +1,389 @@
+// The LSTM layer's two sequential loops, forward and reverse, as XLA custom calls on CPU.
+//
+// The pure-JAX layer (tbptt_jax/_kernels.py) runs each step as several XLA kernels: one
+// matrix product and a few elementwise fusions, each a dispatch of its own, which at small
+// sizes costs as much as the arithmetic. Here one call runs every step of a window: per
+// step one matrix product for all four gates, and the gate arithmetic on its result while
+// it is still in cache. The batch is split between threads: each row's recurrence is
+// independent of the others', so a thread runs its rows through every step without
+// waiting for the rest (splitting the hidden units instead needs a barrier per step and
+// strided writes, and measured slower at H=128). The weights are packed once per call
+// into the column panels the matrix-product kernel streams.
+//
+// The semantics are the pure-JAX kernel's, which the tests hold this to:
+//   forward:  pre = x_proj[t] + bias + h_in @ W_hh^T; i, f, o = sigmoid, g = tanh;
+//             c = f * c_in + i * g; h = o * tanh(c); the carry zeroed first where reset[t].
+//   outputs:  hs[t], cs[t], and the activations (i, f, g, o) written over x_proj[t].
+//   reverse:  from the activations, cs, and the gradients flowing into hs and the final
+//             carry: the gate gradients (written over the activations) and the gradient
+//             of the carry before step 0. Weight gradients are not formed here: the caller
+//             takes them from the gate gradients as single large products.
+//
+// Every array is row-major; float32 and float64 (the latter with the C library's exp and
+// tanh, for the float64 parity tests). Built by tbptt_jax/_native.py with the host's
+// compiler; the pure-JAX kernel is the fallback wherever this cannot be built.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 64-byte vectors (one AVX-512 register; two AVX2 ones), and their unaligned pointees.
+typedef float VecF __attribute__((vector_size(64)));
+typedef double VecD __attribute__((vector_size(64)));
+typedef int32_t VecI __attribute__((vector_size(64)));
+
+template <typename T> struct Simd;
+template <> struct Simd<float> { using V = VecF; static constexpr int kLanes = 16; };
+template <> struct Simd<double> { using V = VecD; static constexpr int kLanes = 8; };
+
+template <typename T> using V = typename Simd<T>::V;
+template <typename T> constexpr int kLanes = Simd<T>::kLanes;
+
+template <typename T>
+inline V<T> load(const T* p) {
+  V<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, V<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The first n (<= lanes) elements at p, the rest zero; and their store.
+template <typename T>
+inline V<T> load_n(const T* p, int n) {
+  if (n == kLanes<T>) return load(p);
+  V<T> v = {};
+  std::memcpy(&v, p, sizeof(T) * n);
+  return v;
+}
+
+template <typename T>
+inline void store_n(T* p, V<T> v, int n) {
+  if (n == kLanes<T>) return store(p, v);
+  std::memcpy(p, &v, sizeof(T) * n);
+}
+
+template <typename T>
+inline V<T> splat(T x) {
+  return V<T>{} + x;
+}
+
+// exp, sigmoid and tanh. float32: Cephes' exp and Eigen's rational tanh (XLA's CPU
+// functions, within a few ulp); float64: the C library's, lane by lane.
+inline VecF exp_f(VecF x) {
+  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
+  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+  VecF fx = x * 1.44269504088896341f + 0.5f;
+  VecI n = __builtin_convertvector(fx, VecI);
+  VecF nf = __builtin_convertvector(n, VecF);
+  nf = nf > fx ? nf - 1.0f : nf;  // floor
+  n = __builtin_convertvector(nf, VecI);
+  x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  VecF z = x * x;
+  VecF y = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x +
+             4.1665795894e-2f) * x + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  VecI bits = (n + 127) << 23;
+  VecF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+inline VecF sigmoid(VecF x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+inline VecF tanh(VecF x) {
+  x = x < 9.0f ? x : splat(9.0f);
+  x = x > -9.0f ? x : splat(-9.0f);
+  VecF x2 = x * x;
+  VecF p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
+  p = x2 * p + -8.60467152213735e-11f;
+  p = x2 * p + 5.12229709037114e-08f;
+  p = x2 * p + 1.48572235717979e-05f;
+  p = x2 * p + 6.37261928875436e-04f;
+  p = x2 * p + 4.89352455891786e-03f;
+  p = x * p;
+  VecF q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
+  q = x2 * q + 2.26843463243900e-03f;
+  q = x2 * q + 4.89352518554385e-03f;
+  return p / q;
+}
+
+inline VecD sigmoid(VecD x) {
+  for (int k = 0; k < 8; ++k) x[k] = 1.0 / (1.0 + std::exp(-x[k]));
+  return x;
+}
+
+inline VecD tanh(VecD x) {
+  for (int k = 0; k < 8; ++k) x[k] = std::tanh(x[k]);
+  return x;
+}
+
+// C[M, N] = A[M, K] @ B[K, N], with B packed by `pack_panels`: N a multiple of kCols, each
+// kCols-wide column panel contiguous ([N / kCols][K][kCols]), so the micro-kernel streams it.
+constexpr int kRows = 8;  // rows of C per micro-kernel
+template <typename T> constexpr int kCols = 2 * kLanes<T>;  // columns of C per micro-kernel
+
+template <typename T, int R>
+inline void micro_kernel(const T* a, int64_t lda, const T* panel, T* c, int64_t ldc,
+                         int64_t depth) {
+  V<T> acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = V<T>{};
+  for (int64_t k = 0; k < depth; ++k) {
+    const V<T> b0 = load(panel + k * kCols<T>), b1 = load(panel + k * kCols<T> + kLanes<T>);
+    for (int r = 0; r < R; ++r) {
+      const T a_rk = a[r * lda + k];
+      acc0[r] += a_rk * b0;
+      acc1[r] += a_rk * b1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(c + r * ldc, acc0[r]);
+    store(c + r * ldc + kLanes<T>, acc1[r]);
+  }
+}
+
+template <typename T>
+void matmul(const T* a, int64_t lda, const T* panels, T* c, int64_t ldc, int64_t rows,
+            int64_t cols, int64_t depth) {
+  for (int64_t j = 0; j < cols; j += kCols<T>) {
+    const T* panel = panels + j * depth;
+    int64_t i = 0;
+    for (; i + kRows <= rows; i += kRows)
+      micro_kernel<T, kRows>(a + i * lda, lda, panel, c + i * ldc + j, ldc, depth);
+    const T* a_i = a + i * lda;
+    T* c_ij = c + i * ldc + j;
+    switch (rows - i) {
+      case 0: break;
+      case 1: micro_kernel<T, 1>(a_i, lda, panel, c_ij, ldc, depth); break;
+      case 2: micro_kernel<T, 2>(a_i, lda, panel, c_ij, ldc, depth); break;
+      case 3: micro_kernel<T, 3>(a_i, lda, panel, c_ij, ldc, depth); break;
+      case 4: micro_kernel<T, 4>(a_i, lda, panel, c_ij, ldc, depth); break;
+      case 5: micro_kernel<T, 5>(a_i, lda, panel, c_ij, ldc, depth); break;
+      case 6: micro_kernel<T, 6>(a_i, lda, panel, c_ij, ldc, depth); break;
+      default: micro_kernel<T, 7>(a_i, lda, panel, c_ij, ldc, depth); break;
+    }
+  }
+}
+
+// B[k, n] = element(k, n) for k < depth, n < cols (zero beyond), packed for `matmul`.
+template <typename T, typename Element>
+std::vector<T> pack_panels(int64_t depth, int64_t cols, int64_t padded_cols, Element element) {
+  std::vector<T> panels(depth * padded_cols, T(0));
+  for (int64_t j = 0; j < cols; j += kCols<T>)
+    for (int64_t k = 0; k < depth; ++k)
+      for (int64_t n = j; n < std::min(cols, j + kCols<T>); ++n)
+        panels[j * depth + k * kCols<T> + (n - j)] = element(k, n);
+  return panels;
+}
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Runs body(first_row, end_row) on up to `threads` threads (the caller one of them), the
+// batch split into contiguous runs of rows: the rows' recurrences are independent, so the
+// threads never wait for each other.
+template <typename Body>
+void over_batch(int64_t threads, int64_t batch, Body body) {
+  threads = std::max<int64_t>(1, std::min(threads, batch));
+  auto first = [&](int64_t j) { return batch * j / threads; };
+  std::vector<std::thread> workers;
+  for (int64_t j = 1; j < threads; ++j) workers.emplace_back(body, first(j), first(j + 1));
+  body(first(0), first(1));
+  for (auto& worker : workers) worker.join();
+}
+
+template <typename T>
+void lstm_forward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden, T* x_acts,
+                  const T* w_hh, const T* bias, const T* h0, const T* c0, const bool* resets,
+                  T* hs, T* cs) {
+  const int64_t gates = 4 * hidden, cols = round_up(gates, kCols<T>);
+  const std::vector<T> w_t = pack_panels<T>(hidden, gates, cols, [&](int64_t k, int64_t n) {
+    return w_hh[n * hidden + k];  // W_hh^T
+  });
+  over_batch(threads, batch, [&](int64_t b0, int64_t b1) {
+    const int64_t rows = b1 - b0;
+    std::vector<T> h_in(rows * hidden), pre(rows * cols);
+    for (int64_t t = 0; t < steps; ++t) {
+      const int64_t step = t * batch, prev = (t - 1) * batch;
+      const bool* reset = resets + step;
+      for (int64_t b = b0; b < b1; ++b) {
+        T* h_in_b = &h_in[(b - b0) * hidden];
+        if (reset[b]) std::fill_n(h_in_b, hidden, T(0));
+        else std::copy_n(t == 0 ? h0 + b * hidden : hs + (prev + b) * hidden, hidden, h_in_b);
+      }
+      matmul<T>(h_in.data(), hidden, w_t.data(), pre.data(), cols, rows, cols, hidden);
+      for (int64_t b = b0; b < b1; ++b) {
+        T* row = x_acts + (step + b) * gates;
+        const T* pre_b = &pre[(b - b0) * cols];
+        const T* c_prev = t == 0 ? c0 + b * hidden : cs + (prev + b) * hidden;
+        for (int64_t u = 0; u < hidden; u += kLanes<T>) {
+          const int n = static_cast<int>(std::min<int64_t>(kLanes<T>, hidden - u));
+          V<T> act[4];
+          for (int g = 0; g < 4; ++g) {
+            const int64_t at = g * hidden + u;
+            act[g] = load_n(pre_b + at, n) + load_n(row + at, n) + load_n(bias + at, n);
+          }
+          act[0] = sigmoid(act[0]);
+          act[1] = sigmoid(act[1]);
+          act[2] = tanh(act[2]);
+          act[3] = sigmoid(act[3]);
+          const V<T> c_in = reset[b] ? V<T>{} : load_n(c_prev + u, n);
+          const V<T> c = act[1] * c_in + act[0] * act[2];
+          store_n(cs + (step + b) * hidden + u, c, n);
+          store_n(hs + (step + b) * hidden + u, act[3] * tanh(c), n);
+          for (int g = 0; g < 4; ++g) store_n(row + g * hidden + u, act[g], n);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void lstm_backward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden,
+                   T* acts_dgates, const T* w_hh, const T* cs, const T* c0, const bool* resets,
+                   const T* dhs, const T* dh_last, const T* dc_last, T* dh0, T* dc0) {
+  const int64_t gates = 4 * hidden, cols = round_up(hidden, kCols<T>);
+  const std::vector<T> w = pack_panels<T>(gates, hidden, cols, [&](int64_t r, int64_t u) {
+    return w_hh[r * hidden + u];
+  });
+  over_batch(threads, batch, [&](int64_t b0, int64_t b1) {
+    const int64_t rows = b1 - b0;
+    // dh and dc flowing back into the step being processed, then out of it.
+    std::vector<T> dh(dh_last + b0 * hidden, dh_last + b1 * hidden),
+        dc(dc_last + b0 * hidden, dc_last + b1 * hidden), dh_prev(rows * cols);
+    for (int64_t t = steps - 1; t >= 0; --t) {
+      const int64_t step = t * batch, prev = (t - 1) * batch;
+      const bool* reset = resets + step;
+      for (int64_t b = b0; b < b1; ++b) {
+        T* row = acts_dgates + (step + b) * gates;
+        const T* c_prev = t == 0 ? c0 + b * hidden : cs + (prev + b) * hidden;
+        T* dh_b = &dh[(b - b0) * hidden];
+        T* dc_b = &dc[(b - b0) * hidden];
+        for (int64_t u = 0; u < hidden; u += kLanes<T>) {
+          const int n = static_cast<int>(std::min<int64_t>(kLanes<T>, hidden - u));
+          const V<T> i = load_n(row + u, n), f = load_n(row + hidden + u, n),
+                     g = load_n(row + 2 * hidden + u, n), o = load_n(row + 3 * hidden + u, n);
+          const V<T> d_h = load_n(dh_b + u, n) + load_n(dhs + (step + b) * hidden + u, n);
+          const V<T> tanh_c = tanh(load_n(cs + (step + b) * hidden + u, n));
+          const V<T> d_c = load_n(dc_b + u, n) + d_h * o * (T(1) - tanh_c * tanh_c);
+          const V<T> c_in = reset[b] ? V<T>{} : load_n(c_prev + u, n);
+          store_n(row + u, d_c * g * i * (T(1) - i), n);
+          store_n(row + hidden + u, d_c * c_in * f * (T(1) - f), n);
+          store_n(row + 2 * hidden + u, d_c * i * (T(1) - g * g), n);
+          store_n(row + 3 * hidden + u, d_h * tanh_c * o * (T(1) - o), n);
+          store_n(dc_b + u, reset[b] ? V<T>{} : d_c * f, n);
+        }
+      }
+      matmul<T>(acts_dgates + (step + b0) * gates, gates, w.data(), dh_prev.data(), cols, rows,
+                cols, gates);
+      for (int64_t b = b0; b < b1; ++b) {
+        T* dh_b = &dh[(b - b0) * hidden];
+        if (reset[b]) std::fill_n(dh_b, hidden, T(0));
+        else std::copy_n(&dh_prev[(b - b0) * cols], hidden, dh_b);
+      }
+    }
+    std::copy(dh.begin(), dh.end(), dh0 + b0 * hidden);
+    std::copy(dc.begin(), dc.end(), dc0 + b0 * hidden);
+  });
+}
+
+int64_t pool_threads(ffi::ThreadPool pool) {
+  return std::max<int64_t>(1, pool.num_threads());
+}
+
+ffi::Error check_float(ffi::AnyBuffer x) {
+  const auto type = x.element_type();
+  if (type != ffi::DataType::F32 && type != ffi::DataType::F64)
+    return ffi::Error::InvalidArgument("tbptt LSTM kernel: float32 or float64 only");
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_proj, ffi::AnyBuffer w_hh,
+                           ffi::AnyBuffer bias, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
+                           ffi::Buffer<ffi::PRED> resets, ffi::Result<ffi::AnyBuffer> hs,
+                           ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> acts) {
+  if (auto error = check_float(x_proj); !error.success()) return error;
+  const auto dims = x_proj.dimensions();
+  const int64_t steps = dims[0], batch = dims[1], hidden = dims[2] / 4;
+  if (acts->untyped_data() != x_proj.untyped_data())
+    std::memcpy(acts->untyped_data(), x_proj.untyped_data(), x_proj.size_bytes());
+  const int64_t threads = pool_threads(pool);
+  if (x_proj.element_type() == ffi::DataType::F32)
+    lstm_forward<float>(threads, steps, batch, hidden, acts->typed_data<float>(),
+                        w_hh.typed_data<float>(), bias.typed_data<float>(),
+                        h0.typed_data<float>(), c0.typed_data<float>(), resets.typed_data(),
+                        hs->typed_data<float>(), cs->typed_data<float>());
+  else
+    lstm_forward<double>(threads, steps, batch, hidden, acts->typed_data<double>(),
+                         w_hh.typed_data<double>(), bias.typed_data<double>(),
+                         h0.typed_data<double>(), c0.typed_data<double>(), resets.typed_data(),
+                         hs->typed_data<double>(), cs->typed_data<double>());
+  return ffi::Error::Success();
+}
+
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer acts, ffi::AnyBuffer w_hh,
+                            ffi::AnyBuffer cs, ffi::AnyBuffer c0, ffi::Buffer<ffi::PRED> resets,
+                            ffi::AnyBuffer dhs, ffi::AnyBuffer dh_last, ffi::AnyBuffer dc_last,
+                            ffi::Result<ffi::AnyBuffer> d_gates, ffi::Result<ffi::AnyBuffer> dh0,
+                            ffi::Result<ffi::AnyBuffer> dc0) {
+  if (auto error = check_float(acts); !error.success()) return error;
+  const auto dims = acts.dimensions();
+  const int64_t steps = dims[0], batch = dims[1], hidden = dims[2] / 4;
+  if (d_gates->untyped_data() != acts.untyped_data())
+    std::memcpy(d_gates->untyped_data(), acts.untyped_data(), acts.size_bytes());
+  const int64_t threads = pool_threads(pool);
+  if (acts.element_type() == ffi::DataType::F32)
+    lstm_backward<float>(threads, steps, batch, hidden, d_gates->typed_data<float>(),
+                         w_hh.typed_data<float>(), cs.typed_data<float>(),
+                         c0.typed_data<float>(), resets.typed_data(), dhs.typed_data<float>(),
+                         dh_last.typed_data<float>(), dc_last.typed_data<float>(),
+                         dh0->typed_data<float>(), dc0->typed_data<float>());
+  else
+    lstm_backward<double>(threads, steps, batch, hidden, d_gates->typed_data<double>(),
+                          w_hh.typed_data<double>(), cs.typed_data<double>(),
+                          c0.typed_data<double>(), resets.typed_data(), dhs.typed_data<double>(),
+                          dh_last.typed_data<double>(), dc_last.typed_data<double>(),
+                          dh0->typed_data<double>(), dc0->typed_data<double>());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TbpttLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x_proj [T, B, 4H]
+                                  .Arg<ffi::AnyBuffer>()  // w_hh [4H, H]
+                                  .Arg<ffi::AnyBuffer>()  // bias [4H]
+                                  .Arg<ffi::AnyBuffer>()  // h0 [B, H]
+                                  .Arg<ffi::AnyBuffer>()  // c0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets [T, B]
+                                  .Ret<ffi::AnyBuffer>()  // hs [T, B, H]
+                                  .Ret<ffi::AnyBuffer>()  // cs [T, B, H]
+                                  .Ret<ffi::AnyBuffer>());  // activations [T, B, 4H]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TbpttLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // activations [T, B, 4H]
+                                  .Arg<ffi::AnyBuffer>()  // w_hh [4H, H]
+                                  .Arg<ffi::AnyBuffer>()  // cs [T, B, H]
+                                  .Arg<ffi::AnyBuffer>()  // c0 [B, H]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // resets [T, B]
+                                  .Arg<ffi::AnyBuffer>()  // dhs [T, B, H]
+                                  .Arg<ffi::AnyBuffer>()  // dh after the last step [B, H]
+                                  .Arg<ffi::AnyBuffer>()  // dc after the last step [B, H]
+                                  .Ret<ffi::AnyBuffer>()  // d_gates [T, B, 4H]
+                                  .Ret<ffi::AnyBuffer>()  // dh before step 0 [B, H]
+                                  .Ret<ffi::AnyBuffer>());  // dc before step 0 [B, H]
