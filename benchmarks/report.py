@@ -109,6 +109,14 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
 
 # --- markdown ---------------------------------------------------------------------------
 
+def _lstm_kernels(results: dict[str, Any]) -> str:
+    kind = results.get("kernels", {}).get("jax_lstm", "pure JAX")
+    if kind == "compiled":
+        return ("the compiled CPU kernels (`tbptt_jax/csrc/lstm.cc`, built with -march=native; "
+                "on a GPU the pure-JAX loops)")
+    return "pure JAX (the compiled kernels unavailable or turned off)"
+
+
 def _fmt(value: float | None) -> str:
     """A figure for a table: three significant digits, thousands separated, tiny ones in
     scientific notation."""
@@ -160,6 +168,7 @@ def render_markdown(results: dict[str, Any], name: str) -> str:
         f"inter-op; JAX (XLA's own pool) {threads['jax_cpu']}"
         + (f"; jax-dp over {machine['jax_cpu_devices']} CPU devices"
            if machine.get("jax_cpu_devices", 1) > 1 and settings["device"] == "cpu" else ""),
+        f"- JAX's LSTM loops: {_lstm_kernels(results)}",
         f"- settings: {settings['device']}, {settings['dtype']}, {settings['optimizer']}, "
         f"reduction {settings['reduction']}, tail {settings['tail']}; first call, "
         f"{settings['warmup']} warm-up call(s), then {settings['repeats']} timed calls each, "

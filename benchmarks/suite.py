@@ -62,7 +62,7 @@ import torch
 import tbptt_jax
 import tbptt_torch
 from tbptt.schedule import plan
-from tbptt_jax import sharding
+from tbptt_jax import _native, sharding
 
 SCHEMA = "tbptt-bench/1"
 LEARNING_RATE = 1e-3
@@ -734,8 +734,11 @@ def environment(device: str) -> dict[str, Any]:
         "torch_cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
     }
+    # Asked before any run, so that a first build of the compiled LSTM kernels (once per
+    # machine, then cached) is not counted as a JAX compile time.
+    kernels = {"jax_lstm": "compiled" if _native.available() else "pure JAX"}
     return {"machine": machine, "versions": versions, "threads": threads,
-            "precision": precision}
+            "precision": precision, "kernels": kernels}
 
 
 def pin_precision() -> None:
