@@ -5,10 +5,11 @@ a second build finds the cached library; the LSTM layer on CPU runs them (the lo
 program calls them) and equals the pure-JAX layer, values and vector-Jacobian products
 with respect to every input, in float64 to 1e-12 and in float32 to float32 rounding, over
 shapes that exercise the kernels' edges (one step, one row, a batch split unevenly over
-the threads, hidden sizes that are not a whole number of vectors, weights big enough
-that the threads split the hidden units instead), with resets at step 0
-and mid-window; with `TBPTT_JAX_NATIVE=0`, or where the build fails (a warning says why),
-the layer runs the pure-JAX loops and trains the same.
+the threads, hidden sizes that are not a whole number of vectors, weights big enough that
+the threads split the hidden units instead), with resets at step 0 and mid-window; a NaN
+reaches the outputs until a reset, as in the pure layer; with `TBPTT_JAX_NATIVE=0`, or
+where the build fails (a warning says why), the layer runs the pure-JAX loops and trains
+the same.
 """
 
 from __future__ import annotations
@@ -77,6 +78,22 @@ def test_the_compiled_layer_equals_the_pure_jax_layer(steps, batch, hidden, dtyp
                     jax.tree.leaves(expected_vjp(cotangent)), strict=True):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, e, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=["float64", "float32"])
+def test_a_nan_propagates_as_in_the_pure_layer_until_a_reset(dtype):
+    """The trainer's non-finite check needs a NaN to reach the loss: the float32 kernels
+    clamp their exp and tanh arguments by comparisons a NaN fails, so it passes through."""
+    w_hh, b_hh, b_ih, x_proj, carry, _ = layer_inputs(6, 3, 20, dtype)
+    x_proj = x_proj.at[2, 0].set(jnp.nan)
+    resets = jnp.zeros((6, 3), bool).at[4, 0].set(True)
+    (_, got), (_, expected) = (
+        jax.jit(_kernels.layer("lstm", native=native))(w_hh, b_hh, b_ih, x_proj, carry, resets)
+        for native in (True, False))
+    got = np.asarray(got)
+    assert np.all(np.isnan(got[2:4, 0])) and np.all(np.isfinite(got[:2]))
+    assert np.all(np.isfinite(got[4:])) and np.all(np.isfinite(got[:, 1:]))
+    np.testing.assert_allclose(got, expected, **TOLERANCE[dtype])
 
 
 def lowered_lstm_program() -> str:

@@ -38,7 +38,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// 64-byte vectors (one AVX-512 register; two AVX2 ones), and their unaligned pointees.
+// 64-byte vectors (one AVX-512 register; two AVX2 ones), moved by memcpy: any alignment.
 typedef float VecF __attribute__((vector_size(64)));
 typedef double VecD __attribute__((vector_size(64)));
 typedef int32_t VecI __attribute__((vector_size(64)));
@@ -83,10 +83,11 @@ inline V<T> splat(T x) {
 }
 
 // exp, sigmoid and tanh. float32: Cephes' exp and Eigen's rational tanh (XLA's CPU
-// functions, within a few ulp); float64: the C library's, lane by lane.
+// functions, within a few ulp), clamped where the result saturates, by comparisons that a
+// NaN fails, so that it passes through as in torch; float64: the C library's, lane by lane.
 inline VecF exp_f(VecF x) {
-  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
-  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+  x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
+  x = x < -88.3762626647949f ? splat(-88.3762626647949f) : x;
   VecF fx = x * 1.44269504088896341f + 0.5f;
   VecI n = __builtin_convertvector(fx, VecI);
   VecF nf = __builtin_convertvector(n, VecF);
@@ -106,8 +107,8 @@ inline VecF exp_f(VecF x) {
 inline VecF sigmoid(VecF x) { return 1.0f / (1.0f + exp_f(-x)); }
 
 inline VecF tanh(VecF x) {
-  x = x < 9.0f ? x : splat(9.0f);
-  x = x > -9.0f ? x : splat(-9.0f);
+  x = x > 9.0f ? splat(9.0f) : x;
+  x = x < -9.0f ? splat(-9.0f) : x;
   VecF x2 = x * x;
   VecF p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = x2 * p + -8.60467152213735e-11f;
@@ -132,8 +133,9 @@ inline VecD tanh(VecD x) {
   return x;
 }
 
-// C[M, N] = A[M, K] @ B[K, N], with B packed by `pack` or `pack_transposed`: N a multiple of kCols, each
-// kCols-wide column panel contiguous ([N / kCols][K][kCols]), so the micro-kernel streams it.
+// C[M, N] = A[M, K] @ B[K, N], with B packed by `pack` or `pack_transposed`: N a multiple
+// of kCols, each kCols-wide column panel contiguous ([N / kCols][K][kCols]), so that the
+// micro-kernel streams it.
 constexpr int kRows = 8;  // rows of C per micro-kernel
 template <typename T> constexpr int kCols = 2 * kLanes<T>;  // columns of C per micro-kernel
 
