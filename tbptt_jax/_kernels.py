@@ -23,6 +23,10 @@ gradient is handed back whole, so `dW_ih` and `dxs` are single products too (aut
 the projection does that). The LSTM's reverse loop writes each step's gate gradients over
 those rows in turn, which it no longer needs.
 
+On a CPU the LSTM's two loops run as compiled kernels instead (`tbptt_jax._native`, one
+call per window and direction; see docs/kernels.md), with the loops here as their fallback,
+their definition on other platforms, and their derivatives and batching rules.
+
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
 """
@@ -267,16 +271,36 @@ def _native_lstm_run(w_hh, b_hh, b_ih, x_proj, carry, resets):
     return (hs[-1], cs[-1]), (hs, cs), activations, None
 
 
-def _native_lstm_reverse(w_hh, carry, resets, carry_outs, activations, dcarry_out, dhs):
-    """The LSTM's reverse loop by the compiled kernel: (gate gradients, dcarry before step 0)."""
+def _native_lstm_reverse(w_hh, carry, resets, carry_outs, activations, extras, dcarry_out,
+                         dhs):
+    """`reverse` for the LSTM by the compiled reverse loop: the gate gradients are both the
+    projection's gradient and that of `h_in W_hh^T + b_hh`."""
     (_, c0), (_, cs), (dh, dc) = carry, carry_outs, dcarry_out
     d_gates, dh0, dc0 = _native.lstm_backward(w_hh, activations, cs, c0, resets, dhs, dh, dc)
-    return d_gates, (dh0, dc0)
+    return (d_gates, d_gates), (dh0, dc0)
 
 
-def _on_cpu(native: Callable[..., Any], pure: Callable[..., Any], *args: Any) -> Any:
-    """`native(*args)` where the program runs on CPU, `pure(*args)` elsewhere."""
-    return jax.lax.platform_dependent(*args, cpu=native, default=pure)
+def _compiled_on_cpu(native: Callable[..., Any], pure: Callable[..., Any]) -> Callable[..., Any]:
+    """`native` (the compiled kernels) where the program runs on CPU, `pure` (the same
+    function in JAX) elsewhere; and `pure` wherever a transformation meets the call, since
+    the kernels have no rules of their own: its derivatives (differentiating through a
+    training step, a gradient of a gradient) and its batching (`vmap` over an ensemble's
+    parameters) are the pure loops'."""
+
+    def by_platform(*args):
+        return jax.lax.platform_dependent(*args, cpu=native, default=pure)
+
+    batched = jax.custom_batching.custom_vmap(by_platform)
+
+    @batched.def_vmap
+    def _(axis_size, in_batched, *args):
+        in_axes = jax.tree.map(lambda is_batched: 0 if is_batched else None, in_batched)
+        out = jax.vmap(pure, in_axes=tuple(in_axes), axis_size=axis_size)(*args)
+        return out, jax.tree.map(lambda _: True, out)
+
+    differentiable = jax.custom_jvp(batched)
+    differentiable.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
+    return differentiable
 
 
 @cache
@@ -335,10 +359,9 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
         return _from_tuple(carry_out, cell), carry_outs, rows, extras
 
     def run_on_platform(w_hh, b_hh, b_ih, x_proj, carry, resets, keep):
-        if not native:
-            return run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep)
-        return _on_cpu(_native_lstm_run, partial(run, keep=keep),
-                       w_hh, b_hh, b_ih, x_proj, carry, resets)
+        pure = partial(run, keep=keep)
+        chosen = _compiled_on_cpu(_native_lstm_run, pure) if native else pure
+        return chosen(w_hh, b_hh, b_ih, x_proj, carry, resets)
 
     @jax.custom_vjp
     def recurrent_layer(w_hh, b_hh, b_ih, x_proj, carry, resets):
@@ -374,20 +397,13 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
             (_steps(dhs) if over_projection else None, dhs, resets, factors), reverse=True)
         return cell_fns.finish(outs if over_projection else stacked_outs, factors), dcarry
 
-    def native_reverse(w_hh, carry, resets, carry_outs, rows, extras, dcarry_out, dhs):
-        d_gates, dcarry = _native_lstm_reverse(w_hh, carry, resets, carry_outs, rows,
-                                               dcarry_out, dhs)
-        return (d_gates, d_gates), dcarry
-
     def backward(residuals, cotangents):
         w_hh, carry, resets, carry_outs, rows, extras = residuals
         dcarry_out, dhs = cotangents
         reverse_args = (w_hh, carry, resets, carry_outs, rows, extras,
                         _as_tuple(dcarry_out, cell), dhs)
-        if native:
-            (dx_proj, dh_proj), dcarry = _on_cpu(native_reverse, reverse, *reverse_args)
-        else:
-            (dx_proj, dh_proj), dcarry = reverse(*reverse_args)
+        chosen = _compiled_on_cpu(_native_lstm_reverse, reverse) if native else reverse
+        (dx_proj, dh_proj), dcarry = chosen(*reverse_args)
         carry_ins = _carry_ins(carry, carry_outs, resets)
         # All T*B rows at once: the weight gradient as one matrix product. Contracting
         # over T and B as they are, not over a [T*B] reshape: with the batch sharded over

@@ -7,7 +7,8 @@ with respect to every input, in float64 to 1e-12 and in float32 to float32 round
 shapes that exercise the kernels' edges (one step, one row, a batch split unevenly over
 the threads, hidden sizes that are not a whole number of vectors, weights big enough that
 the threads split the hidden units instead), with resets at step 0 and mid-window; a NaN
-reaches the outputs until a reset, as in the pure layer; with `TBPTT_JAX_NATIVE=0`, or
+reaches the outputs until a reset, as in the pure layer; a gradient of a gradient and
+`vmap` (which run the pure loops) give the pure layer's; with `TBPTT_JAX_NATIVE=0`, or
 where the build fails (a warning says why), the layer runs the pure-JAX loops and trains
 the same.
 """
@@ -94,6 +95,35 @@ def test_a_nan_propagates_as_in_the_pure_layer_until_a_reset(dtype):
     assert np.all(np.isnan(got[2:4, 0])) and np.all(np.isfinite(got[:2]))
     assert np.all(np.isfinite(got[4:])) and np.all(np.isfinite(got[:, 1:]))
     np.testing.assert_allclose(got, expected, **TOLERANCE[dtype])
+
+
+def test_a_gradient_of_a_gradient_and_vmap_run_the_pure_loops():
+    """The kernels have no derivative or batching rules of their own: a gradient of a
+    gradient (differentiating through a training step) and `vmap` over an ensemble's
+    weights run the pure loops, and give what they give; the batched layer is the layer of
+    each ensemble member."""
+    w_hh, b_hh, b_ih, x_proj, carry, resets = layer_inputs(5, 3, 20, jnp.float64)
+    ensemble = jnp.stack([w_hh, 0.5 * w_hh, -w_hh])
+
+    def transformed(layer):
+        def loss(w, x):
+            (h, c), hs = layer(w, b_hh, b_ih, x, carry, resets)
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(h * c)
+
+        gradient = jax.grad(loss, argnums=(0, 1))
+        curvature = jax.grad(lambda w, x: sum(jnp.sum(g ** 2) for g in gradient(w, x)),
+                             argnums=(0, 1))
+        batched = jax.vmap(lambda w: layer(w, b_hh, b_ih, x_proj, carry, resets))
+        return jax.jit(lambda: (curvature(w_hh, x_proj), batched(ensemble)))()
+
+    compiled = _kernels.layer("lstm", native=True)
+    got, expected = transformed(compiled), transformed(_kernels.layer("lstm", native=False))
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, e, **TOLERANCE[jnp.float64])
+    _, batched_hs = got[1]
+    for member, weights in enumerate(ensemble):
+        _, hs = compiled(weights, b_hh, b_ih, x_proj, carry, resets)
+        np.testing.assert_allclose(batched_hs[member], hs, **TOLERANCE[jnp.float64])
 
 
 def lowered_lstm_program() -> str:
