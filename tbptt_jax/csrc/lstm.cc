@@ -373,34 +373,36 @@ int64_t pool_threads(ffi::ThreadPool pool) {
   return std::max<int64_t>(1, pool.num_threads());
 }
 
-ffi::Error check_float(ffi::AnyBuffer x) {
-  const auto type = x.element_type();
-  if (type != ffi::DataType::F32 && type != ffi::DataType::F64)
-    return ffi::Error::InvalidArgument("tbptt LSTM kernel: float32 or float64 only");
+// Calls body(T{}) with T the element type of `x`: float or double.
+template <typename Body>
+ffi::Error with_float_type(ffi::AnyBuffer x, Body body) {
+  switch (x.element_type()) {
+    case ffi::DataType::F32: body(float{}); break;
+    case ffi::DataType::F64: body(double{}); break;
+    default: return ffi::Error::InvalidArgument("tbptt LSTM kernel: float32 or float64 only");
+  }
   return ffi::Error::Success();
+}
+
+// The results are written over an input (XLA aliases them, as asked); if it ever hands
+// over separate buffers, the input is copied into the result first.
+void as_result(ffi::AnyBuffer input, void* result) {
+  if (result != input.untyped_data()) std::memcpy(result, input.untyped_data(), input.size_bytes());
 }
 
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_proj, ffi::AnyBuffer w_hh,
                            ffi::AnyBuffer bias, ffi::AnyBuffer h0, ffi::AnyBuffer c0,
                            ffi::Buffer<ffi::PRED> resets, ffi::Result<ffi::AnyBuffer> hs,
                            ffi::Result<ffi::AnyBuffer> cs, ffi::Result<ffi::AnyBuffer> acts) {
-  if (auto error = check_float(x_proj); !error.success()) return error;
   const auto dims = x_proj.dimensions();
-  const int64_t steps = dims[0], batch = dims[1], hidden = dims[2] / 4;
-  if (acts->untyped_data() != x_proj.untyped_data())
-    std::memcpy(acts->untyped_data(), x_proj.untyped_data(), x_proj.size_bytes());
-  const int64_t threads = pool_threads(pool);
-  if (x_proj.element_type() == ffi::DataType::F32)
-    lstm_forward<float>(threads, steps, batch, hidden, acts->typed_data<float>(),
-                        w_hh.typed_data<float>(), bias.typed_data<float>(),
-                        h0.typed_data<float>(), c0.typed_data<float>(), resets.typed_data(),
-                        hs->typed_data<float>(), cs->typed_data<float>());
-  else
-    lstm_forward<double>(threads, steps, batch, hidden, acts->typed_data<double>(),
-                         w_hh.typed_data<double>(), bias.typed_data<double>(),
-                         h0.typed_data<double>(), c0.typed_data<double>(), resets.typed_data(),
-                         hs->typed_data<double>(), cs->typed_data<double>());
-  return ffi::Error::Success();
+  return with_float_type(x_proj, [&](auto zero) {
+    using T = decltype(zero);
+    as_result(x_proj, acts->untyped_data());
+    lstm_forward<T>(pool_threads(pool), dims[0], dims[1], dims[2] / 4, acts->typed_data<T>(),
+                    w_hh.typed_data<T>(), bias.typed_data<T>(), h0.typed_data<T>(),
+                    c0.typed_data<T>(), resets.typed_data(), hs->typed_data<T>(),
+                    cs->typed_data<T>());
+  });
 }
 
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer acts, ffi::AnyBuffer w_hh,
@@ -408,25 +410,16 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer acts, ffi::AnyB
                             ffi::AnyBuffer dhs, ffi::AnyBuffer dh_last, ffi::AnyBuffer dc_last,
                             ffi::Result<ffi::AnyBuffer> d_gates, ffi::Result<ffi::AnyBuffer> dh0,
                             ffi::Result<ffi::AnyBuffer> dc0) {
-  if (auto error = check_float(acts); !error.success()) return error;
   const auto dims = acts.dimensions();
-  const int64_t steps = dims[0], batch = dims[1], hidden = dims[2] / 4;
-  if (d_gates->untyped_data() != acts.untyped_data())
-    std::memcpy(d_gates->untyped_data(), acts.untyped_data(), acts.size_bytes());
-  const int64_t threads = pool_threads(pool);
-  if (acts.element_type() == ffi::DataType::F32)
-    lstm_backward<float>(threads, steps, batch, hidden, d_gates->typed_data<float>(),
-                         w_hh.typed_data<float>(), cs.typed_data<float>(),
-                         c0.typed_data<float>(), resets.typed_data(), dhs.typed_data<float>(),
-                         dh_last.typed_data<float>(), dc_last.typed_data<float>(),
-                         dh0->typed_data<float>(), dc0->typed_data<float>());
-  else
-    lstm_backward<double>(threads, steps, batch, hidden, d_gates->typed_data<double>(),
-                          w_hh.typed_data<double>(), cs.typed_data<double>(),
-                          c0.typed_data<double>(), resets.typed_data(), dhs.typed_data<double>(),
-                          dh_last.typed_data<double>(), dc_last.typed_data<double>(),
-                          dh0->typed_data<double>(), dc0->typed_data<double>());
-  return ffi::Error::Success();
+  return with_float_type(acts, [&](auto zero) {
+    using T = decltype(zero);
+    as_result(acts, d_gates->untyped_data());
+    lstm_backward<T>(pool_threads(pool), dims[0], dims[1], dims[2] / 4,
+                     d_gates->typed_data<T>(), w_hh.typed_data<T>(), cs.typed_data<T>(),
+                     c0.typed_data<T>(), resets.typed_data(), dhs.typed_data<T>(),
+                     dh_last.typed_data<T>(), dc_last.typed_data<T>(), dh0->typed_data<T>(),
+                     dc0->typed_data<T>());
+  });
 }
 
 }  // namespace
