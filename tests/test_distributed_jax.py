@@ -8,9 +8,13 @@ process on one device with the whole batch (`distributed/jax_cases.py`): LSTM, A
 updates, resets in every call, k2 = k1 and k2 > k1. Each sharded run is checkpointed
 after its second call and resumed from the restored state (`tbptt_jax.checkpoint` on one
 process, orbax's sharded save on two), so the match also proves the checkpoint route of
-docs/distributed.md. Agreement is to 1e-5 (float32) and 1e-10 (float64) relative to each
-tensor's largest magnitude, as in the parity tests. The compiled 4-device program must
-all-reduce the gradient and gather no activations across devices.
+docs/distributed.md. Agreement is to 1e-10 (float64) and 1e-4 (float32) relative to each
+tensor's largest magnitude. float64 is the exact check; in float32 this run's
+`weight_hh_l0` is sensitive to rounding: inputs moved by 1-3 ulp moved it by 0.9-7e-5
+after the 20 updates (k2 > k1, on one device, with the pure-JAX loops and the compiled ones
+alike), and a different summation order of the gradient across devices moves it as much.
+The compiled 4-device program must all-reduce the gradient and gather no activations
+across devices.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ _spec = importlib.util.spec_from_file_location("jax_cases", HERE / "jax_cases.py
 jax_cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(jax_cases)
 
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 SLOW = pytest.mark.slow
 # By default one case per layout, together covering both k2 settings and both dtypes
 # (each costs a subprocess and a compile of ~5 s); every case of each with -m slow.
