@@ -275,8 +275,9 @@ def _native_lstm_reverse(w_hh, carry, resets, carry_outs, activations, extras, d
                          dhs):
     """`reverse` for the LSTM by the compiled reverse loop: the gate gradients are both the
     projection's gradient and that of `h_in W_hh^T + b_hh`."""
-    (_, c0), (_, cs), (dh, dc) = carry, carry_outs, dcarry_out
-    d_gates, dh0, dc0 = _native.lstm_backward(w_hh, activations, cs, c0, resets, dhs, dh, dc)
+    (_, c0), (hs, cs), (dh, dc) = carry, carry_outs, dcarry_out
+    d_gates, dh0, dc0 = _native.lstm_backward(w_hh, activations, hs, cs, c0, resets, dhs, dh,
+                                              dc)
     return (d_gates, d_gates), (dh0, dc0)
 
 

@@ -170,18 +170,23 @@ def _forward_kernel(x_proj, w_hh, bias, h0, c0, resets):
                             input_output_aliases={0: 2})(x_proj, w_hh, bias, h0, c0, resets)
 
 
-def _backward_kernel(acts, w_hh, cs, c0, resets, dhs, dh, dc):
+def _backward_kernel(acts, w_hh, hs, cs, c0, resets, dhs, dh, dc):
+    # hs is not read: passed so that XLA keeps its buffer until the reverse loop. Once the
+    # output layer's weight gradient had read hs, XLA reused that buffer for the output
+    # layer's other product (dh, the same shape), which then had to wait for the first: the
+    # word LM's two largest products ran one after the other instead of side by side, and
+    # its step was 10-20% slower than with the pure loops (NOTES.md, change 26).
     return jax.ffi.ffi_call("tbptt_lstm_backward", (_like(acts), _like(dh), _like(dc)),
-                            input_output_aliases={0: 0})(acts, w_hh, cs, c0, resets, dhs, dh,
-                                                         dc)
+                            input_output_aliases={0: 0})(acts, w_hh, hs, cs, c0, resets, dhs,
+                                                         dh, dc)
 
 
 _forward = _partitioned(
     _forward_kernel, ("tbg", "gh", "g", "bh", "bh", "tb"), ("tbh", "tbh", "tbg"),
     "t b g, g h, g, b h, b h, t b -> t b h, t b h, t b g")
 _backward = _partitioned(
-    _backward_kernel, ("tbg", "gh", "tbh", "bh", "tb", "tbh", "bh", "bh"), ("tbg", "bh", "bh"),
-    "t b g, g h, t b h, b h, t b, t b h, b h, b h -> t b g, b h, b h")
+    _backward_kernel, ("tbg", "gh", "tbh", "tbh", "bh", "tb", "tbh", "bh", "bh"),
+    ("tbg", "bh", "bh"), "t b g, g h, t b h, t b h, b h, t b, t b h, b h, b h -> t b g, b h, b h")
 
 
 def _resets_or_none(resets: Array | None, x_proj: Array) -> Array:
@@ -195,10 +200,11 @@ def lstm_forward(w_hh: Array, bias: Array, x_proj: Array, h0: Array, c0: Array,
     return _forward(x_proj, w_hh, bias, h0, c0, _resets_or_none(resets, x_proj))
 
 
-def lstm_backward(w_hh: Array, activations: Array, cs: Array, c0: Array, resets: Array | None,
-                  dhs: Array, dh: Array, dc: Array) -> tuple[Array, Array, Array]:
+def lstm_backward(w_hh: Array, activations: Array, hs: Array, cs: Array, c0: Array,
+                  resets: Array | None, dhs: Array, dh: Array, dc: Array
+                  ) -> tuple[Array, Array, Array]:
     """The reverse loop: `(d_gates [T, B, 4H], dh0, dc0)` from the forward's activations and
     cell states, the gradients flowing into hs, and those into the carry after the last
-    step."""
-    return _backward(activations, w_hh, cs, c0, _resets_or_none(resets, activations), dhs,
+    step. `hs`, the forward's hidden states, is not read (see `_backward_kernel`)."""
+    return _backward(activations, w_hh, hs, cs, c0, _resets_or_none(resets, activations), dhs,
                      dh, dc)

@@ -406,7 +406,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_proj, ffi::Any
 }
 
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer acts, ffi::AnyBuffer w_hh,
-                            ffi::AnyBuffer cs, ffi::AnyBuffer c0, ffi::Buffer<ffi::PRED> resets,
+                            ffi::AnyBuffer /*hs*/, ffi::AnyBuffer cs, ffi::AnyBuffer c0,
+                            ffi::Buffer<ffi::PRED> resets,
                             ffi::AnyBuffer dhs, ffi::AnyBuffer dh_last, ffi::AnyBuffer dc_last,
                             ffi::Result<ffi::AnyBuffer> d_gates, ffi::Result<ffi::AnyBuffer> dh0,
                             ffi::Result<ffi::AnyBuffer> dc0) {
@@ -442,6 +443,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TbpttLstmBackward, LstmBackwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // activations [T, B, 4H]
                                   .Arg<ffi::AnyBuffer>()  // w_hh [4H, H]
+                                  .Arg<ffi::AnyBuffer>()  // hs [T, B, H]: not read (*)
                                   .Arg<ffi::AnyBuffer>()  // cs [T, B, H]
                                   .Arg<ffi::AnyBuffer>()  // c0 [B, H]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // resets [T, B]
@@ -451,3 +453,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TbpttLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::AnyBuffer>()  // d_gates [T, B, 4H]
                                   .Ret<ffi::AnyBuffer>()  // dh before step 0 [B, H]
                                   .Ret<ffi::AnyBuffer>());  // dc before step 0 [B, H]
+// (*) Passed so that XLA keeps the hidden states' buffer alive until the reverse loop: see
+// _backward_kernel in tbptt_jax/_native.py.
