@@ -271,11 +271,14 @@ def _native_lstm_run(w_hh, b_hh, b_ih, x_proj, carry, resets):
     return (hs[-1], cs[-1]), (hs, cs), activations, None
 
 
-def _native_lstm_reverse(w_hh, carry, resets, carry_outs, activations, extras, dcarry_out,
+def _native_lstm_reverse(w_hh, carry_ins, resets, carry_outs, activations, extras, dcarry_out,
                          dhs):
     """`reverse` for the LSTM by the compiled reverse loop: the gate gradients are both the
-    projection's gradient and that of `h_in W_hh^T + b_hh`."""
-    (_, c0), (hs, cs), (dh, dc) = carry, carry_outs, dcarry_out
+    projection's gradient and that of `h_in W_hh^T + b_hh`. The kernel takes the cell state
+    before step 0 (already reset where `resets[0]`, which the kernel applies again: the
+    same)."""
+    (_, c_ins), (hs, cs), (dh, dc) = carry_ins, carry_outs, dcarry_out
+    c0 = c_ins[0]
     d_gates, dh0, dc0 = _native.lstm_backward(w_hh, activations, hs, cs, c0, resets, dhs, dh,
                                               dc)
     return (d_gates, d_gates), (dh0, dc0)
@@ -376,9 +379,8 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
         return (carry_out, carry_outs[0]), (w_hh, _as_tuple(carry, cell), resets, carry_outs,
                                             rows, extras)
 
-    def reverse(w_hh, carry, resets, carry_outs, rows, extras, dcarry_out, dhs):
+    def reverse(w_hh, carry_ins, resets, carry_outs, rows, extras, dcarry_out, dhs):
         """The reverse loop: (what it gives per step, dcarry before step 0)."""
-        carry_ins = _carry_ins(carry, carry_outs, resets)
         factors = cell_fns.prepare(carry_ins, carry_outs, rows, extras)
 
         over_projection = cell_fns.over_projection
@@ -401,11 +403,10 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
     def backward(residuals, cotangents):
         w_hh, carry, resets, carry_outs, rows, extras = residuals
         dcarry_out, dhs = cotangents
-        reverse_args = (w_hh, carry, resets, carry_outs, rows, extras,
-                        _as_tuple(dcarry_out, cell), dhs)
-        chosen = _compiled_on_cpu(_native_lstm_reverse, reverse) if native else reverse
-        (dx_proj, dh_proj), dcarry = chosen(*reverse_args)
         carry_ins = _carry_ins(carry, carry_outs, resets)
+        chosen = _compiled_on_cpu(_native_lstm_reverse, reverse) if native else reverse
+        (dx_proj, dh_proj), dcarry = chosen(w_hh, carry_ins, resets, carry_outs, rows, extras,
+                                            _as_tuple(dcarry_out, cell), dhs)
         # All T*B rows at once: the weight gradient as one matrix product. Contracting
         # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
         # devices, a reshape would make XLA gather it; this way each device contracts its
