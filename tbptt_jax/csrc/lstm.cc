@@ -6,9 +6,9 @@
 // step one matrix product for all four gates, and the gate arithmetic on its result while
 // it is still in cache. The batch is split between threads: each row's recurrence is
 // independent of the others', so a thread runs its rows through every step without
-// waiting for the rest (splitting the hidden units instead needs a barrier per step and
-// strided writes, and measured slower at H=128). The weights are packed once per call
-// into the column panels the matrix-product kernel streams.
+// waiting for the rest; only where W_hh is too big for one core's cache do the threads
+// split the hidden units instead and meet once a step (`in_parts`). The weights are
+// packed once per call into the column panels the matrix-product kernel streams.
 //
 // The semantics are the pure-JAX kernel's, which the tests hold this to:
 //   forward:  pre = x_proj[t] + bias + h_in @ W_hh^T; i, f, o = sigmoid, g = tanh;
