@@ -27,6 +27,9 @@ On a CPU the LSTM's two loops run as compiled kernels instead (`tbptt_jax._nativ
 call per window and direction; see docs/kernels.md), with the loops here as their fallback,
 their definition on other platforms, and their derivatives and batching rules.
 
+`readout` is the models' linear head over the whole window, with a backward pass that
+keeps XLA from transposing the output gradient (it matters for a wide softmax).
+
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
 """
@@ -305,6 +308,32 @@ def _compiled_on_cpu(native: Callable[..., Any], pure: Callable[..., Any]) -> Ca
     differentiable = jax.custom_jvp(batched)
     differentiable.defjvp(lambda primals, tangents: jax.jvp(pure, primals, tangents))
     return differentiable
+
+
+@jax.custom_vjp
+def readout(weight: Array, bias: Array, hidden: Array) -> Array:
+    """The linear readout of a whole window, `hidden[..., H] @ weight[O, H]^T + bias[O]`.
+
+    Its backward forms the weight gradient as `(hidden^T @ d_out)^T`: a product of the small
+    transposed hidden states against the output gradient as it lies. Autodiff's
+    `d_out^T @ hidden` had XLA transpose the whole `[T*B, O]` output gradient first, which
+    for a 10000-word softmax is the window's largest array (see benchmarks/NOTES.md)."""
+    return hidden @ weight.T + bias.reshape((1,) * (hidden.ndim - 1) + bias.shape)
+
+
+def _readout_forward(weight, bias, hidden):
+    return readout(weight, bias, hidden), (weight, hidden)
+
+
+def _readout_backward(residuals, d_out):
+    weight, hidden = residuals
+    rows_hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows_d_out = d_out.reshape(-1, d_out.shape[-1])
+    d_weight = (rows_hidden.T @ rows_d_out).T
+    return d_weight, rows_d_out.sum(axis=0), d_out @ weight
+
+
+readout.defvjp(_readout_forward, _readout_backward)
 
 
 @cache

@@ -31,5 +31,12 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: labels must have shape {logits.shape[:-1]} (the "
                          f"logits' without the class axis), got {labels.shape}")
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # log-sum-exp minus the labelled logit. The label's logit is picked by comparing each
+    # class index with the label, an elementwise select that XLA fuses into the passes over
+    # the logits; `take_along_axis` would differentiate into a scatter into a zero-filled
+    # copy of them, two extra passes over the window's largest array (benchmarks/NOTES.md).
+    shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_sum_exp = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1)) + shift[..., 0]
+    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    is_label = classes == labels[..., None]
+    return log_sum_exp - jnp.sum(jnp.where(is_label, logits, 0), axis=-1)

@@ -9,8 +9,9 @@ cross frameworks by copying. The carry has torch's layout: LSTM `(h, c)`, each
 
 `apply` runs one layer at a time over the whole chunk, as cuDNN does: the input projection
 of every step is one matrix product outside the recurrence, and the recurrence is the fast
-layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass). `step` is
-the plain one-step reference, differentiated by JAX, that the tests hold `apply` to.
+layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass), and so is
+the readout of the whole window (`_kernels.readout`). `step` is the plain one-step
+reference, differentiated by JAX, that the tests hold `apply` to.
 """
 
 from __future__ import annotations
@@ -99,9 +100,6 @@ class RecurrentModel:
     def _stack_layers(self, layer_carries: list[Any]) -> Carry:
         return jax.tree.map(lambda *parts: jnp.stack(parts), *layer_carries)
 
-    def _readout(self, params: Params, hidden: Array) -> Array:
-        weight, bias = params["head.weight"], params["head.bias"]
-        return hidden @ weight.T + bias.reshape((1,) * (hidden.ndim - 1) + bias.shape)
 
     def apply(
         self, params: Params, carry: Carry, xs: Array, resets: Array | None = None
@@ -130,7 +128,8 @@ class RecurrentModel:
                 params[f"rnn.bias_ih_l{layer}"], projected, self._layer_carry(carry, layer),
                 resets)
             final_carries.append(layer_carry)
-        return self._stack_layers(final_carries), self._readout(params, layer_inputs)
+        return self._stack_layers(final_carries), _kernels.readout(
+            params["head.weight"], params["head.bias"], layer_inputs)
 
     def step(
         self, params: Params, carry: Carry, x: Array, reset: Array | None = None
@@ -148,7 +147,8 @@ class RecurrentModel:
                 self._layer_carry(carry, layer), reset)
             new_carries.append(layer_carry)
             layer_input = _hidden(layer_carry, self.cell)
-        return self._stack_layers(new_carries), self._readout(params, layer_input)
+        return self._stack_layers(new_carries), (
+            layer_input @ params["head.weight"].T + params["head.bias"][None])
 
 
 def elman(input_size: int, hidden_size: int, output_size: int, *, num_layers: int = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,6 +68,25 @@ def test_cross_entropy_matches_across_frameworks_and_nn_cross_entropy_loss(label
                                       torch.tensor(labels).reshape(-1).long()).item()
     np.testing.assert_allclose(jax_terms.mean(), reference, **EXACT)
     np.testing.assert_allclose(torch_terms.mean(), reference, **EXACT)
+
+
+def test_cross_entropy_gradient_is_softmax_minus_one_hot_in_both_frameworks():
+    """The JAX loss picks the label's logit by a select, not a gather: its gradient must
+    still be exactly softmax minus the one-hot label, as torch's."""
+    rng = np.random.default_rng(3)
+    logits = 3 * rng.normal(size=(6, 4, 5))
+    labels = rng.integers(0, 5, size=(6, 4))
+    weights = rng.normal(size=(6, 4))
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    expected = weights[..., None] * (softmax - np.eye(5)[labels])
+
+    jax_grad = jax.grad(lambda z: jnp.sum(jnp.asarray(weights) * jax_losses.cross_entropy(
+        z, jnp.asarray(labels))))(jnp.asarray(logits))
+    torch_logits = torch.tensor(logits, requires_grad=True)
+    (torch.tensor(weights) * torch_losses.cross_entropy(torch_logits, torch.tensor(labels))
+     ).sum().backward()
+    np.testing.assert_allclose(np.asarray(jax_grad), expected, **EXACT)
+    np.testing.assert_allclose(torch_logits.grad.numpy(), expected, **EXACT)
 
 
 def test_cross_entropy_is_stable_for_large_logits():
