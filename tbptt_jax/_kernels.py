@@ -27,8 +27,8 @@ On a CPU the LSTM's two loops run as compiled kernels instead (`tbptt_jax._nativ
 call per window and direction; see docs/kernels.md), with the loops here as their fallback,
 their definition on other platforms, and their derivatives and batching rules.
 
-`readout` is the models' linear head over the whole window, with a backward pass that
-keeps XLA from transposing the output gradient (it matters for a wide softmax).
+`project` is the models' input projection and linear readout over a whole window, with a
+backward pass that keeps XLA from transposing the gradient of its output.
 
 Each cell's equations are written once, in its step function; `tbptt_jax.models` keeps the
 plain one-step cells (`step`) that the tests hold these kernels to, values and gradients.
@@ -310,30 +310,61 @@ def _compiled_on_cpu(native: Callable[..., Any], pure: Callable[..., Any]) -> Ca
     return differentiable
 
 
+def gradients_shared(cell: str) -> bool:
+    """Whether the gradients of a layer's input projection and of its recurrent product
+    `h W_hh^T` are one array (the gate gradients of the LSTM and Elman cells; the GRU's
+    differ in the n gate, which `r` scales inside the recurrent product)."""
+    return CELLS[cell].finish is _same
+
+
+def _weight_gradient(inputs: Array, d_out: Array, d_out_shared: bool) -> Array:
+    """The gradient of `weight[M, N]` in `inputs[..., N] @ weight^T`: `d_out^T @ inputs`
+    summed over every leading axis.
+
+    XLA forms `d_out^T @ inputs` by first transposing the whole `d_out` (the gate gradients
+    `[T, B, G*H]`, a softmax's `[T, B, O]`: the window's largest arrays). Where `d_out`
+    feeds two weight gradients (`d_out_shared`: an LSTM's `dW_ih` and `dW_hh`) it does so
+    once for both, and that form is the fastest; where it feeds one, the product is formed
+    as `(inputs^T @ d_out)^T`, which transposes only the result `[N, M]` and at most
+    `inputs` (benchmarks/NOTES.md, changes 29-30). The leading axes are contracted as they
+    are, not reshaped to rows: with the batch sharded over devices, a reshape would make
+    XLA gather it, while this way each device contracts its own rows."""
+    leading = tuple(range(inputs.ndim - 1))
+    contract_leading = ((leading, leading), ((), ()))
+    if d_out_shared:
+        return jax.lax.dot_general(d_out, inputs, contract_leading)
+    return jax.lax.dot_general(inputs, d_out, contract_leading).T
+
+
+def project(weight: Array, inputs: Array, d_out_shared: bool) -> Array:
+    """`inputs[..., N] @ weight[M, N]^T`: a window's input projection or readout.
+
+    `d_out_shared`: whether the gradient of the result also feeds another weight gradient
+    (see `gradients_shared`). Autodiff's backward has XLA transpose that gradient,
+    `d_out[..., M]`, for the weight gradient: the right choice where the transposition
+    serves another product too, or where `d_out` is no wider than `inputs`. Otherwise the
+    weight gradient is formed as `(inputs^T @ d_out)^T` (`_weight_gradient`)."""
+    out_size, in_size = weight.shape
+    if d_out_shared or out_size <= in_size:
+        return inputs @ weight.T
+    return _project_unshared(weight, inputs)
+
+
 @jax.custom_vjp
-def readout(weight: Array, bias: Array, hidden: Array) -> Array:
-    """The linear readout of a whole window, `hidden[..., H] @ weight[O, H]^T + bias[O]`.
-
-    Its backward forms the weight gradient as `(hidden^T @ d_out)^T`: a product of the small
-    transposed hidden states against the output gradient as it lies. Autodiff's
-    `d_out^T @ hidden` had XLA transpose the whole `[T*B, O]` output gradient first, which
-    for a 10000-word softmax is the window's largest array (see benchmarks/NOTES.md)."""
-    return hidden @ weight.T + bias.reshape((1,) * (hidden.ndim - 1) + bias.shape)
+def _project_unshared(weight: Array, inputs: Array) -> Array:
+    return inputs @ weight.T
 
 
-def _readout_forward(weight, bias, hidden):
-    return readout(weight, bias, hidden), (weight, hidden)
+def _project_forward(weight, inputs):
+    return _project_unshared(weight, inputs), (weight, inputs)
 
 
-def _readout_backward(residuals, d_out):
-    weight, hidden = residuals
-    rows_hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows_d_out = d_out.reshape(-1, d_out.shape[-1])
-    d_weight = (rows_hidden.T @ rows_d_out).T
-    return d_weight, rows_d_out.sum(axis=0), d_out @ weight
+def _project_backward(residuals, d_out):
+    weight, inputs = residuals
+    return _weight_gradient(inputs, d_out, False), d_out @ weight
 
 
-readout.defvjp(_readout_forward, _readout_backward)
+_project_unshared.defvjp(_project_forward, _project_backward)
 
 
 @cache
@@ -436,14 +467,9 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
         chosen = _compiled_on_cpu(_native_lstm_reverse, reverse) if native else reverse
         (dx_proj, dh_proj), dcarry = chosen(w_hh, carry_ins, resets, carry_outs, rows, extras,
                                             _as_tuple(dcarry_out, cell), dhs)
-        # All T*B rows at once: the weight gradient as one matrix product. Contracting
-        # over T and B as they are, not over a [T*B] reshape: with the batch sharded over
-        # devices, a reshape would make XLA gather it; this way each device contracts its
-        # own rows and the partial products are summed. And in the order (T, B), as
-        # autodiff contracts the same gradients with xs for dW_ih: XLA then lays them out
-        # once for both products and h_in not at all (an einsum contracted (B, T) and
-        # cost two more [T, B, G*H]-sized transposes).
-        dw_hh = jax.lax.dot_general(dh_proj, carry_ins[0], (((0, 1), (0, 1)), ((), ())))
+        # All T*B rows at once: the weight gradient as one matrix product, formed as the
+        # input projection's (`project`) is.
+        dw_hh = _weight_gradient(carry_ins[0], dh_proj, gradients_shared(cell))
         db_hh = dh_proj.sum(axis=(0, 1))
         db_ih = dx_proj.sum(axis=(0, 1))  # for the LSTM and Elman cells, db_hh: XLA merges them
         return dw_hh, db_hh, db_ih, dx_proj, _from_tuple(dcarry, cell), None

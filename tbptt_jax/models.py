@@ -9,9 +9,9 @@ cross frameworks by copying. The carry has torch's layout: LSTM `(h, c)`, each
 
 `apply` runs one layer at a time over the whole chunk, as cuDNN does: the input projection
 of every step is one matrix product outside the recurrence, and the recurrence is the fast
-layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass), and so is
-the readout of the whole window (`_kernels.readout`). `step` is the plain one-step
-reference, differentiated by JAX, that the tests hold `apply` to.
+layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass); the input
+projections and the readout of the whole window are `_kernels.project`. `step` is the
+plain one-step reference, differentiated by JAX, that the tests hold `apply` to.
 """
 
 from __future__ import annotations
@@ -122,14 +122,15 @@ class RecurrentModel:
         for layer in range(self.num_layers):
             # One matrix product for the input projection of every step of the chunk (the
             # layer adds the biases).
-            projected = layer_inputs @ params[f"rnn.weight_ih_l{layer}"].T
+            projected = _kernels.project(params[f"rnn.weight_ih_l{layer}"], layer_inputs,
+                                         _kernels.gradients_shared(self.cell))
             layer_carry, layer_inputs = recurrent_layer(
                 params[f"rnn.weight_hh_l{layer}"], params[f"rnn.bias_hh_l{layer}"],
                 params[f"rnn.bias_ih_l{layer}"], projected, self._layer_carry(carry, layer),
                 resets)
             final_carries.append(layer_carry)
-        return self._stack_layers(final_carries), _kernels.readout(
-            params["head.weight"], params["head.bias"], layer_inputs)
+        ys = _kernels.project(params["head.weight"], layer_inputs, False)
+        return self._stack_layers(final_carries), ys + params["head.bias"][None, None]
 
     def step(
         self, params: Params, carry: Carry, x: Array, reset: Array | None = None

@@ -244,14 +244,19 @@ def test_apply_equals_a_loop_over_step(cell, num_layers):
 
 @pytest.mark.parametrize(("cell", "num_layers"), CONFIGS)
 @pytest.mark.parametrize("with_resets", [False, True])
-def test_apply_backward_equals_autodiff_of_the_step_loop(cell, num_layers, with_resets):
+@pytest.mark.parametrize("sizes", [(INPUT, HIDDEN, OUTPUT), (INPUT, HIDDEN, 9)],
+                         ids=["narrow-output", "wide-output"])
+def test_apply_backward_equals_autodiff_of_the_step_loop(cell, num_layers, with_resets, sizes):
     """The kernels' hand-written backward pass against JAX's autodiff of the plain steps:
     the vector-Jacobian product with respect to params, carry and xs, with cotangents on
-    both outputs (the final carry too: a window split at the hand-off feeds it on)."""
-    jax_model, torch_model = make_pair(cell, num_layers, seed=10)
+    both outputs (the final carry too: a window split at the hand-off feeds it on). With an
+    output wider than the hidden state the readout's weight gradient is formed by
+    `_kernels.project`'s own backward (the GRU's input projection's always is), with a
+    narrower one by autodiff: both are held here."""
+    jax_model, torch_model = make_pair(cell, num_layers, seed=10, sizes=sizes)
     params = {name: jnp.asarray(p) for name, p in to_jax(torch_model).items()}
     rng = np.random.default_rng(11)
-    xs = jnp.asarray(rng.normal(size=(STEPS, BATCH, INPUT)))
+    xs = jnp.asarray(rng.normal(size=(STEPS, BATCH, sizes[0])))
     carry = jax.tree.map(jnp.asarray, random_carry(cell, num_layers, seed=12))
     resets = jnp.asarray(example_resets()) if with_resets else None
 
