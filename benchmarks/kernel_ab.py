@@ -5,12 +5,13 @@ on one configuration, in one process (the protocol of NOTES.md).
 Each implementation runs one call of its trainer (all updates of a T-step sequence, Adam,
 MSE) from the same weights and data; after a first (compiling) call the three run in turn
 `--repeats` times, and the minimum process CPU time and wall time of each are printed.
-Both frameworks are pinned to one thread, so CPU time measures work even on a machine other
-jobs share; but XLA's CPU runtime keeps helper threads busy beside the one that computes
-(its CPU time is about twice its wall time, with these flags too), so on an idle machine
-the minimum wall time is the steadier figure.
+Both frameworks are pinned to one thread (unless `--all-threads`), so CPU time measures
+work even on a machine other jobs share; but XLA's CPU runtime keeps helper threads busy
+beside the one that computes (its CPU time is about twice its wall time, with these flags
+too), so on an idle machine the minimum wall time is the steadier figure.
 
     .venv/bin/python benchmarks/kernel_ab.py --baseline c12db3f lstm 16 128 32 1000 50
+    .venv/bin/python benchmarks/kernel_ab.py --all-threads --baseline HEAD gru 64 512 32 500 50
     (cell, input size, hidden size, batch, T, k1; --layers N)
 """
 
@@ -24,7 +25,9 @@ import sys
 import tempfile
 import time
 
-os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+# One thread each unless `--all-threads` (read here: JAX reads XLA_FLAGS when it starts).
+if "--all-threads" not in sys.argv:
+    os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 import jax  # noqa: E402  (after XLA_FLAGS, which JAX reads when its backend starts)
 import jax.numpy as jnp  # noqa: E402
@@ -75,11 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", required=True, help="git revision of the older models")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--all-threads", action="store_true",
+                        help="both frameworks on every core, as the suite runs them")
     parser.add_argument("cell", choices=sorted(TORCH_MODELS))
     parser.add_argument("sizes", type=int, nargs=5, metavar="I H B T K")
     args = parser.parse_args(argv)
     input_size, hidden, batch, steps, k1 = args.sizes
-    torch.set_num_threads(1)
+    torch.set_num_threads(os.cpu_count() if args.all_threads else 1)
 
     torch.manual_seed(0)
     torch_model = TORCH_MODELS[args.cell](input_size, hidden, input_size, num_layers=args.layers)
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
             best_cpu[name] = min(best_cpu[name], time.process_time() - start_cpu)
             best_wall[name] = min(best_wall[name], time.perf_counter() - start_wall)
     print(f"{args.cell} I{input_size} H{hidden} B{batch} T{steps} K{k1} layers {args.layers}, "
-          f"minimum of {args.repeats}, one thread each (XLA's helper threads count in CPU):")
+          f"minimum of {args.repeats}, "
+          + ("all threads:" if args.all_threads
+             else "one thread each (XLA's helper threads count in CPU):"))
     for name in calls:
         print(f"  {name:20s} CPU {best_cpu[name] * 1e3:7.1f} ms, wall {best_wall[name] * 1e3:7.1f}"
               f" ms  (first call {first[name]:.1f} s)  torch-fused / it: CPU "
