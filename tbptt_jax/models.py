@@ -100,7 +100,6 @@ class RecurrentModel:
     def _stack_layers(self, layer_carries: list[Any]) -> Carry:
         return jax.tree.map(lambda *parts: jnp.stack(parts), *layer_carries)
 
-
     def apply(
         self, params: Params, carry: Carry, xs: Array, resets: Array | None = None
     ) -> tuple[Carry, Array]:

@@ -186,7 +186,7 @@ void matmul(const T* a, int64_t lda, const T* panels, T* c, int64_t ldc, int64_t
 }
 
 // B's panels for `matmul`, allocated uninitialised: packing writes every element (zeroing
-// 2 MiB first cost W_hh's packing at L a third more).
+// the 2 MiB first made W_hh's packing at L take about twice as long).
 template <typename T>
 using Panels = std::unique_ptr<T[]>;
 
