@@ -31,12 +31,13 @@ def cross_entropy(logits: Array, labels: Array) -> Array:
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: labels must have shape {logits.shape[:-1]} (the "
                          f"logits' without the class axis), got {labels.shape}")
-    # log-sum-exp minus the labelled logit. The label's logit is picked by comparing each
-    # class index with the label, an elementwise select that XLA fuses into the passes over
-    # the logits; `take_along_axis` would differentiate into a scatter into a zero-filled
-    # copy of them, two extra passes over the window's largest array (benchmarks/NOTES.md).
+    # log-sum-exp minus the labelled logit, picked by `take_along_axis`: its derivative
+    # scatters into a zero-filled copy of the logits, which XLA fuses into the softmax's
+    # gradient; picking it by a select against the class index costs a pass over the
+    # window's largest array (benchmarks/NOTES.md, changes 29 and 32). A label outside
+    # 0..C-1 picks NaN, so that the trainer's non-finite check stops the update.
     shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     log_sum_exp = jnp.log(jnp.sum(jnp.exp(logits - shift), axis=-1)) + shift[..., 0]
-    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    is_label = classes == labels[..., None]
-    return log_sum_exp - jnp.sum(jnp.where(is_label, logits, 0), axis=-1)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1, mode="fill",
+                                 fill_value=jnp.nan, wrap_negative_indices=False)
+    return log_sum_exp - picked[..., 0]

@@ -98,6 +98,20 @@ def test_cross_entropy_is_stable_for_large_logits():
     np.testing.assert_allclose(torch_terms, [[1000.0]], **EXACT)
 
 
+@pytest.mark.parametrize("label", [-1, 3])
+def test_cross_entropy_of_a_label_outside_the_classes_is_nan_in_jax_and_an_error_in_torch(
+        label):
+    # JAX cannot raise from inside a compiled step: its loss is NaN, which the trainer's
+    # non-finite check turns into an error before any parameter changes (test_nonfinite.py).
+    logits = np.zeros((1, 2, 3))
+    labels = np.array([[0, label]])
+    jax_terms = np.asarray(jax_losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_allclose(jax_terms[0, 0], np.log(3.0), **EXACT)
+    assert np.isnan(jax_terms[0, 1])
+    with pytest.raises(IndexError, match="out of bounds"):
+        torch_losses.cross_entropy(torch.tensor(logits), torch.tensor(labels))
+
+
 def test_mse_rejects_mismatched_shapes_in_both_frameworks():
     message = re.escape("mse: preds and targets must have one shape, got (5, 3, 2) and (5, 3, 1)")
     with pytest.raises(ValueError, match=message):

@@ -49,9 +49,10 @@ def jax_start() -> tuple[dict, optax.OptState]:
 
 
 def jax_step(params, opt_state, carry, xs, ys, **kwargs):
+    kwargs = {"loss_fn": jax_losses.mse, "k1": K1, **kwargs}
     return tbptt_jax.tbptt_train_step(
         params, opt_state, carry, jnp.asarray(xs), jnp.asarray(ys), apply_fn=JAX_MODEL.apply,
-        loss_fn=jax_losses.mse, optimizer=JAX_OPTIMIZER, k1=K1, **kwargs)
+        optimizer=JAX_OPTIMIZER, **kwargs)
 
 
 def torch_step(model, optimizer, carry, xs, ys, **kwargs):
@@ -92,6 +93,21 @@ def test_jax_raises_by_default_naming_the_update_and_applies_nothing(value):
             "on_nonfinite='skip' to skip such updates instead.")):
         jax_step(params, opt_state, JAX_MODEL.initial_carry(BATCH, jnp.float64), XS,
                  with_value(YS, BAD_STEP, value))
+    assert_trees_close((params, opt_state), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("label", [-1, OUTPUT])
+def test_jax_raises_on_a_label_outside_the_classes_and_applies_nothing(label):
+    # The model's OUTPUT classes are 0..OUTPUT-1: a label outside them makes that term's
+    # cross-entropy NaN (tbptt_jax.losses.cross_entropy), which stops the call.
+    params, opt_state = jax_start()
+    before = jax.tree.map(np.array, (params, opt_state))
+    labels = np.zeros((STEPS, BATCH), np.int32)
+    labels[BAD_STEP, 0] = label
+    with pytest.raises(tbptt_jax.NonFiniteLossError, match=re.escape(
+            f"update {BAD_UPDATE} of this call has a non-finite loss (nan)")):
+        jax_step(params, opt_state, JAX_MODEL.initial_carry(BATCH, jnp.float64), XS, labels,
+                 loss_fn=jax_losses.cross_entropy)
     assert_trees_close((params, opt_state), before, rtol=0, atol=0)
 
 
