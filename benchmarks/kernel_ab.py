@@ -1,6 +1,6 @@
-"""A/B of the JAX model kernels: an older `tbptt_jax/models.py` (with the `_kernels.py` of
-the same revision, where it had one) against the current ones and torch's fused trainer,
-on one configuration, in one process (the protocol of NOTES.md).
+"""A/B of the JAX model kernels: an older `tbptt_jax/models.py` (with the `_kernels.py` and
+compiled kernels of the same revision, where it had them) against the current ones and
+torch's fused trainer, on one configuration, in one process (the protocol of NOTES.md).
 
 Each implementation runs one call of its trainer (all updates of a T-step sequence, Adam,
 MSE) from the same weights and data; after a first (compiling) call the three run in turn
@@ -47,8 +47,8 @@ def _git_show(revision: str, path: str) -> str | None:
     return shown.stdout if shown.returncode == 0 else None
 
 
-def _load_source(name: str, source: str):
-    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+def _load_source(name: str, source: str, directory: str):
+    path = os.path.join(directory, f"{name}.py")
     with open(path, "w") as file:
         file.write(source)
     spec = importlib.util.spec_from_file_location(name, path)
@@ -60,16 +60,29 @@ def _load_source(name: str, source: str):
 
 def load_models_at(revision: str):
     """`tbptt_jax/models.py` as it was at a git revision, imported as its own module, with
-    the `tbptt_jax/_kernels.py` of that revision if it had one."""
+    the `tbptt_jax/_kernels.py` of that revision if it had one, and its compiled kernels
+    (`_native.py` and `csrc/lstm.cc`, registered with XLA under names of their own) if it
+    had them."""
     source = _git_show(revision, "tbptt_jax/models.py")
     if source is None:
         raise SystemExit(f"no tbptt_jax/models.py at {revision}")
+    directory = tempfile.mkdtemp()
     kernels = _git_show(revision, "tbptt_jax/_kernels.py")
+    native = _git_show(revision, "tbptt_jax/_native.py")
+    native_source = _git_show(revision, "tbptt_jax/csrc/lstm.cc")
+    if kernels is not None and native is not None and native_source is not None:
+        os.makedirs(os.path.join(directory, "csrc"))
+        with open(os.path.join(directory, "csrc", "lstm.cc"), "w") as file:
+            file.write(native_source)
+        _load_source("native_baseline",
+                     native.replace('"tbptt_lstm_', '"tbptt_baseline_lstm_'), directory)
+        kernels = kernels.replace("from tbptt_jax import _native",
+                                  "import native_baseline as _native")
     if kernels is not None:
-        _load_source("kernels_baseline", kernels)
+        _load_source("kernels_baseline", kernels, directory)
         source = source.replace("from tbptt_jax import _kernels",
                                 "import kernels_baseline as _kernels")
-    return _load_source("models_baseline", source)
+    return _load_source("models_baseline", source, directory)
 
 
 def main(argv: list[str] | None = None) -> None:
