@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 
-# One thread each unless `--all-threads` (read here: JAX reads XLA_FLAGS when it starts).
-if "--all-threads" not in sys.argv:
+# One thread each unless `--all-threads` (read here: JAX reads XLA_FLAGS when it starts);
+# imported as a module (the tests), nothing is changed.
+if __name__ == "__main__" and "--all-threads" not in sys.argv:
     os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 import jax  # noqa: E402  (after XLA_FLAGS, which JAX reads when its backend starts)

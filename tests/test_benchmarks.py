@@ -6,6 +6,8 @@ cross-entropy over one-hot and embedded tokens. (b) A tiny run's results dict ho
 repeat and figures derived from them exactly as documented, survives the JSON round trip,
 and renders to markdown and PNG. (c) The targets are evaluated correctly from a hand-made
 results dict. (d) The streamed-memory child process reports its own peak, not its parent's.
+(e) The tools behind NOTES.md: `profile_ops` sums a trace's XLA operations, and
+`kernel_ab` loads a revision's models with that revision's kernels, compiled ones included.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("torch")
 
-from benchmarks import memory, report, suite  # noqa: E402
+from benchmarks import kernel_ab, memory, profile_ops, report, suite  # noqa: E402
 
 RTOL = 1e-5  # float32, a few updates from the same weights
 
@@ -265,3 +268,47 @@ def test_bench_options_defaults_quick_and_errors(capsys):
 
     assert suite.run(parser.parse_args(["--memory-steps", "100", "50"])) == 2
     assert "--memory-steps: expected 0 < SHORT < LONG, got (100, 50)" in capsys.readouterr().err
+
+
+def test_profile_ops_sums_the_traced_operations_by_name_and_by_thread(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+
+    product = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((256, 256))
+    product(a).block_until_ready()
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(3):
+            product(a).block_until_ready()
+    by_name, by_thread = profile_ops.op_times(tmp_path)
+    assert by_name and all(total > 0 for total in by_name.values())
+    assert math.isclose(sum(by_name.values()), sum(by_thread.values()), rel_tol=1e-9)
+
+    profile_ops.main(["S", "elman", "--steps", "20", "--calls", "1", "--top", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("S elman T=20: XLA operations, ms per update")
+    assert len(lines) == 5 and lines[-1].startswith("per thread: ")
+
+
+def test_kernel_ab_loads_a_revision_with_its_compiled_kernels():
+    import jax
+    import jax.numpy as jnp
+
+    from tbptt_jax import _native
+    from tbptt_jax import models as jax_models
+
+    baseline = kernel_ab.load_models_at("HEAD")
+    assert baseline.__name__ == "models_baseline"
+    if _native.available():  # the revision's kernels, under target names of their own
+        assert sys.modules["kernels_baseline"]._native is sys.modules["native_baseline"]
+    old, new = baseline.lstm(3, 8, 2), jax_models.lstm(3, 8, 2)
+    params = new.init(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (5, 4, 3), jnp.float32)
+
+    def loss(model, params):
+        return jnp.sum(model.apply(params, model.initial_carry(4), xs)[1] ** 2)
+
+    for got, expected in zip(jax.tree.leaves(jax.value_and_grad(partial(loss, old))(params)),
+                             jax.tree.leaves(jax.value_and_grad(partial(loss, new))(params)),
+                             strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
