@@ -6,8 +6,9 @@ cross-entropy over one-hot and embedded tokens. (b) A tiny run's results dict ho
 repeat and figures derived from them exactly as documented, survives the JSON round trip,
 and renders to markdown and PNG. (c) The targets are evaluated correctly from a hand-made
 results dict. (d) The streamed-memory child process reports its own peak, not its parent's.
-(e) The tools behind NOTES.md: `profile_ops` sums a trace's XLA operations, and
-`kernel_ab` loads a revision's models with that revision's kernels, compiled ones included.
+(e) The tools behind NOTES.md: `profile_ops` sums a trace's XLA operations, `kernel_ab`
+loads a revision's models with that revision's kernels, compiled ones included, and
+`probe` summarizes its interleaved rounds as documented.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("torch")
 
-from benchmarks import kernel_ab, memory, profile_ops, report, suite  # noqa: E402
+from benchmarks import kernel_ab, memory, probe, profile_ops, report, suite  # noqa: E402
 
 RTOL = 1e-5  # float32, a few updates from the same weights
 
@@ -312,3 +313,24 @@ def test_kernel_ab_loads_a_revision_with_its_compiled_kernels():
                              jax.tree.leaves(jax.value_and_grad(partial(loss, new))(params)),
                              strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_probe_rounds_and_summary():
+    results = probe.probe(TINY, "gru", rounds=3, size=64)
+    rounds = results["rounds"]
+    keys = [f"product {name}" for name in probe.LIBRARIES] + ["call jax", "call torch-fused"]
+    assert len(rounds) == 3 and all(sorted(entry) == sorted(keys) for entry in rounds)
+    assert all(rate > 0 for entry in rounds for rate in entry.values())
+    for key in keys:
+        values = [entry[key] for entry in rounds]
+        assert results["medians"][key] == statistics.median(values)
+        assert results["ranges"][key] == [min(values), max(values)]
+    best_median = max(results["medians"][f"product {name}"] for name in probe.LIBRARIES)
+    best_single = max(entry[f"product {name}"] for entry in rounds for name in probe.LIBRARIES)
+    jax_median = results["medians"]["call jax"]
+    assert results["jax_over_best_product_median"] == pytest.approx(jax_median / best_median)
+    assert results["jax_over_best_single_product"] == pytest.approx(jax_median / best_single)
+    results.update(environment=suite.environment("cpu"), command=["probe"], written="now")
+    text = probe.render_markdown(results)
+    assert "| call jax | " in text
+    assert f"**{results['jax_over_best_product_median']:.2f}**" in text
