@@ -4,11 +4,12 @@
 // matrix product and a few elementwise fusions, each a dispatch of its own, which at small
 // sizes costs as much as the arithmetic. Here one call runs every step of a window: per
 // step one matrix product for all four gates, and the gate arithmetic on its result while
-// it is still in cache. The batch is split between threads: each row's recurrence is
-// independent of the others', so a thread runs its rows through every step without
-// waiting for the rest; only where W_hh is too big for one core's cache do the threads
-// split the hidden units instead and meet once a step (`in_parts`). The weights are
-// packed once per call into the column panels the matrix-product kernel streams.
+// it is still in cache. The batch is split between threads, the caller's and helpers from
+// XLA's pool (`run_team`): each row's recurrence is independent of the others', so a
+// thread runs its rows through every step without waiting for the rest; only where W_hh
+// is too big for one core's cache do the threads split the hidden units instead and meet
+// once a step (`in_parts`). The weights are packed once per call into the column panels
+// the matrix-product kernel streams.
 //
 // The semantics are the pure-JAX kernel's, which the tests hold this to:
 //   forward:  pre = x_proj[t] + bias + h_in @ W_hh^T; i, f, o = sigmoid, g = tanh;
@@ -26,11 +27,13 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -231,7 +234,8 @@ int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 // microseconds), then yields, so that more threads than cores still make progress.
 class Barrier {
  public:
-  explicit Barrier(int64_t threads) : threads_(threads) {}
+  // Before any thread waits: how many take part.
+  void set_threads(int64_t threads) { threads_ = threads; }
   void wait() {
     if (threads_ == 1) return;
     const int64_t generation = generation_.load(std::memory_order_acquire);
@@ -245,7 +249,7 @@ class Barrier {
   }
 
  private:
-  const int64_t threads_;
+  int64_t threads_ = 1;
   std::atomic<int64_t> arrived_{0};
   std::atomic<int64_t> generation_{0};
 };
@@ -261,36 +265,118 @@ struct Part {
 // and 512.
 constexpr int64_t kCachedWeightBytes = 768 << 10;
 
-// Runs body(part, barrier) on up to `threads` threads (the caller one of them). Each row's
-// recurrence is independent of the others', so the threads split the batch and never wait
-// for each other, unless the weights are too big for that: each thread would then stream
-// all of W_hh from memory at every step. They then split the hidden units (each thread
-// reads only its units' weights) and meet at `barrier` once a step: after writing their
-// part of what the next product reads whole (h forward, the gate gradients in reverse).
-// Split by batch, the barrier is a no-op.
+// Where a call's helper threads come from: up to `threads` - 1 tasks handed to `schedule`
+// (XLA's intra-op pool, whose idle workers spin for work and so start a task at once; a
+// thread of our own had to wait for the scheduler: ~1 ms at M, behind XLA's spinning
+// worker, against ~1.5 ms for a whole forward call of 50 steps).
+struct Helpers {
+  int64_t threads;
+  std::function<void(std::function<void()>)> schedule;
+};
+
+// How long the caller of parts that meet at a barrier waits for its helpers to start
+// before going on without the rest: where none comes (XLA's workers busy, e.g. with the
+// other devices' calls under jax-dp), the caller runs alone.
+constexpr auto kHelperWait = std::chrono::microseconds(200);
+
+// Runs body(j, n) for the parts j = 0..n-1 of a call, n at most helpers.threads, the
+// caller's thread and helpers each running some; prepare(n) first. Parts that never wait
+// for each other (`independent`) are n = helpers.threads, taken in turn by whichever
+// thread is free, the caller included: a helper that starts late takes what is left, or
+// nothing. Parts that meet at a barrier need a thread each: n is the caller and the
+// helpers that started within kHelperWait. A helper that comes after that, or that the
+// pool runs inline on the caller's thread, returns at once (the team outlives the call
+// for it).
+template <typename Prepare, typename Body>
+void run_team(const Helpers& helpers, bool independent, Prepare prepare, Body body) {
+  struct Team {
+    std::mutex mutex;
+    bool closed = false;
+    int64_t started = 0;             // helpers, for parts with a barrier
+    std::atomic<int64_t> size{0};    // n, once decided
+    std::atomic<int64_t> next{1};    // the next part to take, for independent parts
+    std::atomic<int64_t> done{0};    // parts finished by helpers
+    std::thread::id caller = std::this_thread::get_id();
+    std::function<void(int64_t, int64_t)> body;
+  };
+  const auto team = std::make_shared<Team>();
+  team->body = body;
+  if (independent) {
+    prepare(helpers.threads);
+    team->size.store(helpers.threads, std::memory_order_release);
+  }
+  for (int64_t k = 1; k < helpers.threads; ++k) {
+    helpers.schedule([team, independent] {
+      if (std::this_thread::get_id() == team->caller) return;
+      int64_t n;
+      if (independent) {
+        n = team->size.load(std::memory_order_acquire);
+        for (int64_t j; (j = team->next.fetch_add(1)) < n;) {
+          team->body(j, n);
+          team->done.fetch_add(1, std::memory_order_acq_rel);
+        }
+        return;
+      }
+      int64_t j;
+      {
+        std::lock_guard<std::mutex> lock(team->mutex);
+        if (team->closed) return;
+        j = ++team->started;
+      }
+      while ((n = team->size.load(std::memory_order_acquire)) == 0) std::this_thread::yield();
+      team->body(j, n);
+      team->done.fetch_add(1, std::memory_order_acq_rel);
+    });
+  }
+  int64_t n = helpers.threads, by_caller = 1;
+  if (!independent) {
+    const auto deadline = std::chrono::steady_clock::now() + kHelperWait;
+    for (;;) {
+      std::lock_guard<std::mutex> lock(team->mutex);
+      if (team->started == helpers.threads - 1 || std::chrono::steady_clock::now() > deadline) {
+        team->closed = true;
+        n = 1 + team->started;
+        break;
+      }
+    }
+    prepare(n);
+    team->size.store(n, std::memory_order_release);
+  }
+  body(int64_t{0}, n);
+  if (independent) {
+    for (int64_t j; (j = team->next.fetch_add(1)) < n; ++by_caller) body(j, n);
+  }
+  while (team->done.load(std::memory_order_acquire) < n - by_caller) std::this_thread::yield();
+}
+
+// Runs body(part, barrier) on up to helpers.threads threads (the caller one of them). Each
+// row's recurrence is independent of the others', so the threads split the batch and never
+// wait for each other, unless the weights are too big for that: each thread would then
+// stream all of W_hh from memory at every step. They then split the hidden units (each
+// thread reads only its units' weights) and meet at `barrier` once a step: after writing
+// their part of what the next product reads whole (h forward, the gate gradients in
+// reverse). Split by batch, the barrier is a no-op.
 template <typename T, typename Body>
-void in_parts(int64_t threads, int64_t batch, int64_t hidden, Body body) {
+void in_parts(const Helpers& helpers, int64_t batch, int64_t hidden, Body body) {
   const int64_t chunks = (hidden + kLanes<T> - 1) / kLanes<T>;
   const bool by_units = 4 * hidden * hidden * int64_t(sizeof(T)) > kCachedWeightBytes;
-  threads = std::max<int64_t>(1, std::min(threads, by_units ? chunks : batch));
-  auto part = [&](int64_t j) {
-    if (!by_units) return Part{batch * j / threads, batch * (j + 1) / threads, 0, hidden};
-    auto unit = [&](int64_t k) { return std::min(hidden, chunks * k / threads * kLanes<T>); };
-    return Part{0, batch, unit(j), unit(j + 1)};
-  };
-  Barrier barrier(by_units ? threads : 1);
-  std::vector<std::thread> workers;
-  for (int64_t j = 1; j < threads; ++j) workers.emplace_back(body, part(j), std::ref(barrier));
-  body(part(0), barrier);
-  for (auto& worker : workers) worker.join();
+  const Helpers team{std::max<int64_t>(1, std::min(helpers.threads, by_units ? chunks : batch)),
+                     helpers.schedule};
+  Barrier barrier;
+  run_team(team, !by_units, [&](int64_t n) { barrier.set_threads(by_units ? n : 1); },
+           [&](int64_t j, int64_t n) {
+             if (!by_units) return body(Part{batch * j / n, batch * (j + 1) / n, 0, hidden}, barrier);
+             auto unit = [&](int64_t k) { return std::min(hidden, chunks * k / n * kLanes<T>); };
+             body(Part{0, batch, unit(j), unit(j + 1)}, barrier);
+           });
 }
 
 template <typename T>
-void lstm_forward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden, T* x_acts,
+void lstm_forward(const Helpers& helpers, int64_t steps, int64_t batch, int64_t hidden, T* x_acts,
                   const T* w_hh, const T* bias, const T* h0, const T* c0, const bool* resets,
                   T* hs, T* cs) {
   const int64_t gates = 4 * hidden;
-  in_parts<T>(threads, batch, hidden, [&](Part part, Barrier& barrier) {
+  in_parts<T>(helpers, batch, hidden, [&](Part part, Barrier& barrier) {
     const int64_t rows = part.b1 - part.b0, units = part.u1 - part.u0;
     const int64_t cols = round_up(4 * units, kCols<T>);
     // W_hh^T's columns, gate by gate those of units u0..u1: column g * units + u is
@@ -335,11 +421,11 @@ void lstm_forward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden,
 }
 
 template <typename T>
-void lstm_backward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden,
+void lstm_backward(const Helpers& helpers, int64_t steps, int64_t batch, int64_t hidden,
                    T* acts_dgates, const T* w_hh, const T* cs, const T* c0, const bool* resets,
                    const T* dhs, const T* dh_last, const T* dc_last, T* dh0, T* dc0) {
   const int64_t gates = 4 * hidden;
-  in_parts<T>(threads, batch, hidden, [&](Part part, Barrier& barrier) {
+  in_parts<T>(helpers, batch, hidden, [&](Part part, Barrier& barrier) {
     const int64_t rows = part.b1 - part.b0, units = part.u1 - part.u0;
     const int64_t cols = round_up(units, kCols<T>);
     const Panels<T> w = pack(w_hh + part.u0, hidden, gates, units, cols);  // units u0..u1
@@ -389,8 +475,9 @@ void lstm_backward(int64_t threads, int64_t steps, int64_t batch, int64_t hidden
   });
 }
 
-int64_t pool_threads(ffi::ThreadPool pool) {
-  return std::max<int64_t>(1, pool.num_threads());
+Helpers pool_helpers(ffi::ThreadPool& pool) {
+  return {std::max<int64_t>(1, pool.num_threads()),
+          [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }};
 }
 
 // Calls body(T{}) with T the element type of `x`: float or double.
@@ -418,7 +505,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x_proj, ffi::Any
   return with_float_type(x_proj, [&](auto zero) {
     using T = decltype(zero);
     as_result(x_proj, acts->untyped_data());
-    lstm_forward<T>(pool_threads(pool), dims[0], dims[1], dims[2] / 4, acts->typed_data<T>(),
+    lstm_forward<T>(pool_helpers(pool), dims[0], dims[1], dims[2] / 4, acts->typed_data<T>(),
                     w_hh.typed_data<T>(), bias.typed_data<T>(), h0.typed_data<T>(),
                     c0.typed_data<T>(), resets.typed_data(), hs->typed_data<T>(),
                     cs->typed_data<T>());
@@ -435,7 +522,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer acts, ffi::AnyB
   return with_float_type(acts, [&](auto zero) {
     using T = decltype(zero);
     as_result(acts, d_gates->untyped_data());
-    lstm_backward<T>(pool_threads(pool), dims[0], dims[1], dims[2] / 4,
+    lstm_backward<T>(pool_helpers(pool), dims[0], dims[1], dims[2] / 4,
                      d_gates->typed_data<T>(), w_hh.typed_data<T>(), cs.typed_data<T>(),
                      c0.typed_data<T>(), resets.typed_data(), dhs.typed_data<T>(),
                      dh_last.typed_data<T>(), dc_last.typed_data<T>(), dh0->typed_data<T>(),
