@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +189,25 @@ def test_a_failed_build_warns_and_falls_back_to_the_pure_loops(tmp_path, native_
     assert not list(tmp_path.glob("*.so"))
     np.testing.assert_allclose(ast.literal_eval(failed["losses"]),
                                ast.literal_eval(native_run["losses"]), rtol=1e-5)
+
+
+def test_the_loops_give_the_same_results_however_their_helper_threads_come(tmp_path):
+    """The C++ harness `tests/native/helpers_harness.cc` runs both loops with their helper
+    tasks on threads of their own, dropped, run inline by the caller, run after the call
+    has returned, and started too late to be waited for; for a batch split and a unit
+    split, 2 and 3 threads. Every way must give the single-thread results bit for bit (a
+    helper that came late must neither take a part nor touch the finished call)."""
+    if not _native.available():
+        pytest.skip("no compiled kernels here")
+    harness = tmp_path / "helpers_harness"
+    flags = [flag for flag in _native.FLAGS if flag not in ("-shared", "-fPIC")]
+    command = [_native._compiler(), *flags, "-isystem", jax.ffi.include_dir(),
+               f'-DLSTM_SOURCE="{_native.SOURCE}"',
+               str(Path(__file__).parent / "native" / "helpers_harness.cc"), "-o", str(harness),
+               "-lpthread"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run([str(harness)], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(lines) == 21 and lines[-1] == "ok"
+    assert all(line.endswith(": same") for line in lines[:-1])
