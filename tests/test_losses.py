@@ -71,8 +71,9 @@ def test_cross_entropy_matches_across_frameworks_and_nn_cross_entropy_loss(label
 
 
 def test_cross_entropy_gradient_is_softmax_minus_one_hot_in_both_frameworks():
-    """The JAX loss picks the label's logit by a select, not a gather: its gradient must
-    still be exactly softmax minus the one-hot label, as torch's."""
+    """However the JAX loss picks the label's logit (a gather with a NaN fill for labels
+    outside the classes), its gradient must be exactly softmax minus the one-hot label,
+    weighted, as torch's."""
     rng = np.random.default_rng(3)
     logits = 3 * rng.normal(size=(6, 4, 5))
     labels = rng.integers(0, 5, size=(6, 4))

@@ -365,16 +365,17 @@ void in_parts(const Helpers& helpers, int64_t batch, int64_t hidden, Body body) 
   Barrier barrier;
   run_team(team, !by_units, [&](int64_t n) { barrier.set_threads(by_units ? n : 1); },
            [&](int64_t j, int64_t n) {
-             if (!by_units) return body(Part{batch * j / n, batch * (j + 1) / n, 0, hidden}, barrier);
              auto unit = [&](int64_t k) { return std::min(hidden, chunks * k / n * kLanes<T>); };
-             body(Part{0, batch, unit(j), unit(j + 1)}, barrier);
+             body(by_units ? Part{0, batch, unit(j), unit(j + 1)}
+                           : Part{batch * j / n, batch * (j + 1) / n, 0, hidden},
+                  barrier);
            });
 }
 
 template <typename T>
-void lstm_forward(const Helpers& helpers, int64_t steps, int64_t batch, int64_t hidden, T* x_acts,
-                  const T* w_hh, const T* bias, const T* h0, const T* c0, const bool* resets,
-                  T* hs, T* cs) {
+void lstm_forward(const Helpers& helpers, int64_t steps, int64_t batch, int64_t hidden,
+                  T* x_acts, const T* w_hh, const T* bias, const T* h0, const T* c0,
+                  const bool* resets, T* hs, T* cs) {
   const int64_t gates = 4 * hidden;
   in_parts<T>(helpers, batch, hidden, [&](Part part, Barrier& barrier) {
     const int64_t rows = part.b1 - part.b0, units = part.u1 - part.u0;

@@ -55,10 +55,15 @@ Outputs run(int64_t steps, int64_t batch, int64_t hidden, const Helpers& forward
             const Helpers& backward_helpers) {
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(0.0f, 0.3f);
-  auto draw = [&](int64_t n) { std::vector<float> v(n); for (auto& x : v) x = normal(rng); return v; };
+  auto draw = [&](int64_t n) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = normal(rng);
+    return v;
+  };
   const auto x_proj = draw(steps * batch * 4 * hidden), w_hh = draw(4 * hidden * hidden),
              bias = draw(4 * hidden), h0 = draw(batch * hidden), c0 = draw(batch * hidden),
-             dhs = draw(steps * batch * hidden), dh = draw(batch * hidden), dc = draw(batch * hidden);
+             dhs = draw(steps * batch * hidden), dh = draw(batch * hidden),
+             dc = draw(batch * hidden);
   std::vector<char> resets(steps * batch);
   for (size_t i = 0; i < resets.size(); ++i) resets[i] = i % 7 == 3;
   const bool* reset = reinterpret_cast<const bool*>(resets.data());
