@@ -21,14 +21,12 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import torch
 
 from benchmarks import suite
@@ -37,38 +35,19 @@ from tbptt_jax import sharding
 LIBRARIES = ("numpy", "jax", "torch")
 
 
-def _products(size: int) -> dict[str, Callable[[], None]]:
-    """One `size`^3 float32 product per library, each synchronized."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    product = jax.jit(jnp.matmul)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    return {"numpy": lambda: np.matmul(a, b),
-            "jax": lambda: product(ja, jb).block_until_ready(),
-            "torch": lambda: torch.mm(ta, tb)}
-
-
-def _timed(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def probe(config: suite.Config, cell: str, *, rounds: int, size: int) -> dict[str, Any]:
     """Every round's product rates and L-call rates (GFLOP/s), and their summary."""
     problem = suite.make_problem(config, cell)
     calls = {name: suite.IMPLEMENTATION_CLASSES[name](problem) for name in ("jax", "torch-fused")}
-    products = _products(size)
+    products = suite.matrix_products(size)
     for fn in (*products.values(), *(implementation.call for implementation in calls.values())):
         fn()  # compile, warm up
     product_flops, call_flops = 2 * size ** 3, suite.flops_per_call(config, cell)
     per_round = []
     for _ in range(rounds):
-        entry = {f"product {name}": product_flops / _timed(fn) / 1e9
+        entry = {f"product {name}": product_flops / suite.timed(fn) / 1e9
                  for name, fn in products.items()}
-        entry.update({f"call {name}": call_flops / _timed(implementation.call) / 1e9
+        entry.update({f"call {name}": call_flops / suite.timed(implementation.call) / 1e9
                       for name, implementation in calls.items()})
         per_round.append(entry)
     medians = {key: statistics.median(entry[key] for entry in per_round) for key in per_round[0]}

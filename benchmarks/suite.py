@@ -468,7 +468,8 @@ def _ignite() -> tuple[Any, Callable[..., Any]] | None:
 
 # --- measuring --------------------------------------------------------------------------
 
-def _timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], None]) -> float:
+    """Seconds `fn()` took."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -578,7 +579,7 @@ def run_benchmark(problem: Problem, implementations: Sequence[str], *, repeats: 
             return None
 
     for name in list(runners):
-        seconds = attempt(name, "first call", lambda name=name: _timed(runners[name].call))
+        seconds = attempt(name, "first call", lambda name=name: timed(runners[name].call))
         if seconds is not None:
             entries[name] = {"status": "ok", "first_call_s": seconds,
                              "first_losses": runners[name].losses().tolist()}
@@ -599,7 +600,7 @@ def run_benchmark(problem: Problem, implementations: Sequence[str], *, repeats: 
         for name in order[shift:] + order[:shift]:
             if name in runners:
                 seconds = attempt(name, f"repeat {repeat}",
-                                  lambda name=name: _timed(runners[name].call))
+                                  lambda name=name: timed(runners[name].call))
                 if seconds is not None:
                     times[name].append(seconds)
     updates = updates_of(config)
@@ -629,31 +630,38 @@ def run_benchmark(problem: Problem, implementations: Sequence[str], *, repeats: 
     }
 
 
-def matmul_rate(size: int, *, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
-    """The float32 matrix-product rate of this machine: the best of `repeats` products of
-    two `size x size` matrices in numpy (CPU), JAX and torch, as GFLOP/s."""
+def matrix_products(size: int, device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """One float32 product of two `size x size` matrices per library (numpy on a CPU only,
+    JAX, torch), each a call that returns once the product is done."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size), dtype=np.float32)
     b = rng.standard_normal((size, size), dtype=np.float32)
-    flops = 2 * size ** 3
-
-    def best(fn: Callable[[], None]) -> float:
-        fn()
-        return flops / min(_timed(fn) for _ in range(repeats)) / 1e9
-
-    rates = {}
+    products = {}
     if device == "cpu":
-        rates["numpy"] = best(lambda: np.matmul(a, b))
+        products["numpy"] = lambda: np.matmul(a, b)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     product = jax.jit(jnp.matmul)
-    rates["jax"] = best(lambda: product(ja, jb).block_until_ready())
+    products["jax"] = lambda: product(ja, jb).block_until_ready()
     ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
 
     def torch_product() -> None:
         torch.mm(ta, tb)
         _sync(device)
 
-    rates["torch"] = best(torch_product)
+    products["torch"] = torch_product
+    return products
+
+
+def matmul_rate(size: int, *, device: str = "cpu", repeats: int = 5) -> dict[str, Any]:
+    """The float32 matrix-product rate of this machine: the best of `repeats` products of
+    two `size x size` matrices in numpy (CPU), JAX and torch, as GFLOP/s."""
+    flops = 2 * size ** 3
+
+    def best(fn: Callable[[], None]) -> float:
+        fn()
+        return flops / min(timed(fn) for _ in range(repeats)) / 1e9
+
+    rates = {name: best(fn) for name, fn in matrix_products(size, device).items()}
     return {"size": size, "dtype": "float32", "gflops": rates, "best_gflops": max(rates.values())}
 
 
