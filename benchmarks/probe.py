@@ -26,11 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import jax
-import torch
-
 from benchmarks import suite
-from tbptt_jax import sharding
 
 LIBRARIES = ("numpy", "jax", "torch")
 
@@ -106,15 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=suite.RESULTS_DIR)
     parser.add_argument("--name", default="probe-cpu")
     args = parser.parse_args(argv)
-    config = suite.CONFIGS[args.config]
-    config = suite.replace(config, steps=args.steps or suite.CPU_STEPS.get(config.name,
-                                                                           config.steps))
-    # As the suite runs: torch on the physical cores, XLA's CPU devices as many.
-    torch.set_num_threads(suite.physical_cores())
-    sharding.request_cpu_devices(suite.physical_cores())
-    jax.config.update("jax_default_device", jax.devices("cpu")[0])
-    suite.pin_precision()
-    results = probe(config, args.cell, rounds=args.rounds, size=args.size)
+    suite.prepare_process("cpu", suite.physical_cores())
+    results = probe(suite.default_config(args.config, args.steps), args.cell,
+                    rounds=args.rounds, size=args.size)
     command = [".venv/bin/python -m benchmarks.probe", *(sys.argv[1:] if argv is None else argv)]
     results.update(environment=suite.environment("cpu"), command=command,
                    written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))

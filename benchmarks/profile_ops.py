@@ -5,8 +5,11 @@ The trace's events are read back from the `*.trace.json.gz` the profiler writes;
 event is one run of one operation (a fusion, a matrix product, a custom call) on one of
 XLA's threads, so the per-thread sums show how busy each thread was as well.
 
-    .venv/bin/python benchmarks/profile_ops.py word-LM lstm
-    .venv/bin/python benchmarks/profile_ops.py L lstm --steps 500 --top 15
+    .venv/bin/python -m benchmarks.profile_ops word-LM lstm
+    .venv/bin/python -m benchmarks.profile_ops L lstm --steps 1000 --top 15
+
+It runs the configuration as the suite does (`suite.prepare_process`: torch's threads, one
+XLA CPU device per core with JAX on the first).
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ def op_times(trace_dir: Path) -> tuple[dict[str, float], dict[int, float]]:
     return by_name, by_thread
 
 
+def report(config: suite.Config, cell: str, *, calls: int, top: int) -> list[str]:
+    """The `top` operations of `calls` profiled calls (after a warm one), ms per update,
+    and each thread's total."""
+    implementation = suite.JaxImplementation(suite.make_problem(config, cell))
+    implementation.call()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(calls):
+                implementation.call()
+        by_name, by_thread = op_times(Path(trace_dir))
+    per_update = 1e3 * calls * suite.updates_of(config)  # microseconds -> ms, per update
+    lines = [f"{config.name} {cell} T={config.steps}: XLA operations, ms per update "
+             f"(summed over threads: {sum(by_name.values()) / per_update:.1f})"]
+    lines += [f"  {total / per_update:8.2f}  {name}"
+              for name, total in sorted(by_name.items(), key=lambda item: -item[1])[:top]]
+    lines.append("per thread: " + ", ".join(f"{total / per_update:.1f}" for total in
+                                            sorted(by_thread.values(), reverse=True)))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,23 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=3, help="profiled calls, after a warm one")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
-    config = suite.CONFIGS[args.config]
-    steps = args.steps or suite.CPU_STEPS.get(config.name, config.steps)
-    config = suite.replace(config, steps=steps)
-    implementation = suite.JaxImplementation(suite.make_problem(config, args.cell))
-    implementation.call()
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(args.calls):
-                implementation.call()
-        by_name, by_thread = op_times(Path(trace_dir))
-    per_update = 1e3 * args.calls * suite.updates_of(config)  # microseconds -> ms, per update
-    print(f"{config.name} {args.cell} T={steps}: XLA operations, ms per update "
-          f"(summed over threads: {sum(by_name.values()) / per_update:.1f})")
-    for name, total in sorted(by_name.items(), key=lambda item: -item[1])[:args.top]:
-        print(f"  {total / per_update:8.2f}  {name}")
-    print("per thread: " + ", ".join(f"{total / per_update:.1f}"
-                                     for total in sorted(by_thread.values(), reverse=True)))
+    suite.prepare_process("cpu", suite.physical_cores())
+    config = suite.default_config(args.config, args.steps)
+    print("\n".join(report(config, args.cell, calls=args.calls, top=args.top)))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,12 @@ CONFIGS: dict[str, Config] = {config.name: config for config in (
 )}
 
 
+def default_config(name: str, steps: int | None = None) -> Config:
+    """Configuration `name` with T = `steps`, else as the default CPU run has it
+    (`CPU_STEPS`, for the tools that run one configuration the suite's way)."""
+    return replace(CONFIGS[name], steps=steps or CPU_STEPS.get(name, CONFIGS[name].steps))
+
+
 def scaled(config: Config, scale: float) -> Config:
     """`config` with T multiplied by `scale`, rounded to a multiple of k1, at least 2*k1."""
     steps = max(2 * config.k1, round(config.steps * scale / config.k1) * config.k1)
@@ -749,6 +755,16 @@ def environment(device: str) -> dict[str, Any]:
             "precision": precision, "kernels": kernels}
 
 
+def prepare_process(device: str, torch_threads: int) -> None:
+    """The process as the suite runs: torch on `torch_threads` threads; on a CPU one XLA
+    device per physical core (for jax-dp), JAX's default device the first; true float32."""
+    torch.set_num_threads(torch_threads)
+    if device == "cpu":
+        sharding.request_cpu_devices(physical_cores())
+    jax.config.update("jax_default_device", platform_devices(device)[0])
+    pin_precision()
+
+
 def pin_precision() -> None:
     """True float32 in both frameworks: no TF32 in torch's matmuls or cuDNN, and XLA's
     highest matmul precision (on CPU these are what happens anyway)."""
@@ -915,11 +931,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"tbptt bench: {error}", file=sys.stderr)
         return 2
-    torch.set_num_threads(threads)
-    if args.device == "cpu":  # one CPU device per core, for jax-dp (the results record them)
-        sharding.request_cpu_devices(physical_cores())
-    jax.config.update("jax_default_device", platform_devices(args.device)[0])
-    pin_precision()
+    prepare_process(args.device, threads)  # the results record the devices and threads
     name = args.name or (f"{args.device}{'-quick' if args.quick else ''}"
                          + ("" if args.dtype == "float32" else f"-{args.dtype}"))
     results = run_suite(**options, command=sys.argv,

@@ -271,7 +271,7 @@ def test_bench_options_defaults_quick_and_errors(capsys):
     assert "--memory-steps: expected 0 < SHORT < LONG, got (100, 50)" in capsys.readouterr().err
 
 
-def test_profile_ops_sums_the_traced_operations_by_name_and_by_thread(tmp_path, capsys):
+def test_profile_ops_sums_the_traced_operations_by_name_and_by_thread(tmp_path):
     import jax
     import jax.numpy as jnp
 
@@ -285,8 +285,7 @@ def test_profile_ops_sums_the_traced_operations_by_name_and_by_thread(tmp_path, 
     assert by_name and all(total > 0 for total in by_name.values())
     assert math.isclose(sum(by_name.values()), sum(by_thread.values()), rel_tol=1e-9)
 
-    profile_ops.main(["S", "elman", "--steps", "20", "--calls", "1", "--top", "3"])
-    lines = capsys.readouterr().out.splitlines()
+    lines = profile_ops.report(suite.default_config("S", 20), "elman", calls=1, top=3)
     assert lines[0].startswith("S elman T=20: XLA operations, ms per update")
     assert len(lines) == 5 and lines[-1].startswith("per thread: ")
 
@@ -313,6 +312,12 @@ def test_kernel_ab_loads_a_revision_with_its_compiled_kernels():
                              jax.tree.leaves(jax.value_and_grad(partial(loss, new))(params)),
                              strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_default_config_takes_the_cpu_runs_steps_unless_given():
+    assert suite.default_config("L").steps == suite.CPU_STEPS["L"] == 500
+    assert suite.default_config("M").steps == suite.CONFIGS["M"].steps == 1000
+    assert suite.default_config("L", 50) == suite.replace(suite.CONFIGS["L"], steps=50)
 
 
 def test_probe_rounds_and_summary():
