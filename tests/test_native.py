@@ -10,13 +10,15 @@ the threads split the hidden units instead), with resets at step 0 and mid-windo
 reaches the outputs until a reset, as in the pure layer; a gradient of a gradient and
 `vmap` (which run the pure loops) give the pure layer's; with `TBPTT_JAX_NATIVE=0`, or
 where the build fails (a warning says why), the layer runs the pure-JAX loops and trains
-the same.
+the same. A C++ harness checks that the loops give the same results however XLA's pool
+delivers their helper threads, and built for narrower vectors (SSE2, AVX2) as for this CPU.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -191,6 +193,28 @@ def test_a_failed_build_warns_and_falls_back_to_the_pure_loops(tmp_path, native_
                                ast.literal_eval(native_run["losses"]), rtol=1e-5)
 
 
+def _run_harness(tmp_path: Path, target: str | None = None) -> np.ndarray:
+    """Builds `tests/native/helpers_harness.cc` with the library's flags, for this CPU or
+    for the x86 `-march` target given, runs it, checks that every way of delivering the
+    helper threads gave the single-thread results bit for bit, and returns those."""
+    name = f"helpers_harness_{target or 'native'}"
+    flags = [flag for flag in _native.FLAGS if flag not in ("-shared", "-fPIC")]
+    if target:
+        flags = [f"-march={target}" if flag == "-march=native" else flag for flag in flags]
+    command = [_native._compiler(), *flags, "-isystem", jax.ffi.include_dir(),
+               f'-DLSTM_SOURCE="{_native.SOURCE}"',
+               str(Path(__file__).parent / "native" / "helpers_harness.cc"),
+               "-o", str(tmp_path / name), "-lpthread"]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    done = subprocess.run([str(tmp_path / name), str(tmp_path / f"{name}.bin")],
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(lines) == 21 and lines[-1] == "ok"
+    assert all(line.endswith(": same") for line in lines[:-1])
+    return np.fromfile(tmp_path / f"{name}.bin", dtype=np.float32)
+
+
 def test_the_loops_give_the_same_results_however_their_helper_threads_come(tmp_path):
     """The C++ harness `tests/native/helpers_harness.cc` runs both loops with their helper
     tasks on threads of their own, dropped, run inline by the caller, run after the call
@@ -199,15 +223,28 @@ def test_the_loops_give_the_same_results_however_their_helper_threads_come(tmp_p
     helper that came late must neither take a part nor touch the finished call)."""
     if not _native.available():
         pytest.skip("no compiled kernels here")
-    harness = tmp_path / "helpers_harness"
-    flags = [flag for flag in _native.FLAGS if flag not in ("-shared", "-fPIC")]
-    command = [_native._compiler(), *flags, "-isystem", jax.ffi.include_dir(),
-               f'-DLSTM_SOURCE="{_native.SOURCE}"',
-               str(Path(__file__).parent / "native" / "helpers_harness.cc"), "-o", str(harness),
-               "-lpthread"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    done = subprocess.run([str(harness)], capture_output=True, text=True, timeout=120)
-    lines = done.stdout.splitlines()
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert len(lines) == 21 and lines[-1] == "ok"
-    assert all(line.endswith(": same") for line in lines[:-1])
+    assert np.isfinite(_run_harness(tmp_path)).all()
+
+
+def _x86_targets_this_cpu_runs() -> list[str]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    cpu_flags = _native._cpu_features().split()
+    return ["x86-64", *(["x86-64-v3"] if "avx2" in cpu_flags and "fma" in cpu_flags else [])]
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3"])
+def test_the_loops_built_for_narrower_vectors_give_the_same_results(tmp_path, target):
+    """`lstm.cc` takes its vector width and register count from the target (AVX-512, AVX2,
+    SSE2, NEON), and sizes its matrix-product kernel by them. Built for SSE2 (16-byte
+    vectors) and AVX2 (32 bytes), where this CPU runs them, the loops must give this CPU's
+    native build's results to float32 rounding, and the thread deliveries their
+    single-thread results bit for bit. Multiply-adds fuse only where the target has FMA, so
+    over the harness's six steps the builds differ by a few 1e-6 (up to 4.4e-6 seen on
+    gate gradients near zero); a wrong lane or panel would be off by ~0.1."""
+    if not _native.available():
+        pytest.skip("no compiled kernels here")
+    if target not in _x86_targets_this_cpu_runs():
+        pytest.skip(f"this CPU does not run -march={target}")
+    native = _run_harness(tmp_path)
+    np.testing.assert_allclose(_run_harness(tmp_path, target), native, rtol=1e-4, atol=2e-5)

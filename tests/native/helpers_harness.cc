@@ -1,7 +1,9 @@
 // Runs the compiled LSTM loops (tbptt_jax/csrc/lstm.cc, included whole) with their helper
 // threads coming in every way XLA's pool may deliver them, and checks that every way gives
 // the single-thread results bit for bit. Built and run by tests/test_native.py; prints one
-// line per case and "ok" at the end, or the first mismatch.
+// line per case and "ok" at the end, or the first mismatch. Given a path, it also writes
+// the single-thread results there (float32, in the order of `Outputs`, H = 20 then 240),
+// for the test to compare builds for different vector widths.
 
 #include LSTM_SOURCE
 
@@ -79,15 +81,22 @@ Outputs run(int64_t steps, int64_t batch, int64_t hidden, const Helpers& forward
   return out;
 }
 
+void write(std::FILE* file, const Outputs& out) {
+  for (const auto* v : {&out.acts, &out.hs, &out.cs, &out.d_gates, &out.dh0, &out.dc0})
+    std::fwrite(v->data(), sizeof(float), v->size(), file);
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  std::FILE* results = argc > 1 ? std::fopen(argv[1], "wb") : nullptr;
   const char* names[] = {"threads", "dropped", "inline", "after the call", "late"};
   // H = 20: the threads split the batch; H = 240 (900 KiB of W_hh): the hidden units.
   for (const int64_t hidden : {20, 240}) {
     const int64_t steps = 6, batch = 5;
     Pool single{Delivery::kDropped};
     const Outputs reference = run(steps, batch, hidden, single.helpers(1), single.helpers(1));
+    if (results) write(results, reference);
     for (const int64_t threads : {2, 3}) {
       for (int delivery = 0; delivery < 5; ++delivery) {
         Pool pool{static_cast<Delivery>(delivery)};
@@ -99,6 +108,7 @@ int main() {
       }
     }
   }
+  if (results) std::fclose(results);
   std::printf("ok\n");
   return 0;
 }
