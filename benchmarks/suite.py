@@ -861,8 +861,8 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str) -> Path:
 
 
 # The default run on a CPU (no --scale, --steps or --quick) shortens L and word-LM and
-# streams the memory check over 10^5 steps, so that the whole suite takes about 10
-# minutes on two idle cores; `--steps L=1000 word-LM=350 --memory-steps 10000 1000000`
+# streams the memory check over 10^5 steps, so that the whole suite takes 10-20 minutes
+# on two idle cores; `--steps L=1000 word-LM=350 --memory-steps 10000 1000000`
 # runs the full figures.
 CPU_STEPS = {"L": 500, "word-LM": 175}
 CPU_MEMORY_STEPS = (10_000, 100_000)
