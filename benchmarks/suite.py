@@ -861,7 +861,7 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str) -> Path:
 
 
 # The default run on a CPU (no --scale, --steps or --quick) shortens L and word-LM and
-# streams the memory check over 10^5 steps, so that the whole suite takes 10-20 minutes
+# streams the memory check over 10^5 steps, so that the whole suite takes 5-20 minutes
 # on two idle cores; `--steps L=1000 word-LM=350 --memory-steps 10000 1000000`
 # runs the full figures.
 CPU_STEPS = {"L": 500, "word-LM": 175}

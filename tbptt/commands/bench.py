@@ -13,7 +13,7 @@ Needs a source checkout (the `benchmarks/` folder beside the packages), JAX and 
 Ignite is optional (its implementation is reported as skipped without it).
 
 Examples:
-  tbptt bench                                   # the full matrix, 10-20 min on 2 idle cores
+  tbptt bench                                   # the full matrix, 5-20 min on 2 idle cores
   tbptt bench --quick                           # a reduced matrix, a couple of minutes
   tbptt bench --configs S M --cells lstm --implementations jax torch-fused --repeats 5
 """
