@@ -385,14 +385,34 @@ def layer(cell: str, native: bool | None = None) -> Callable[..., tuple[Any, Arr
 
     Returns:
       `(carry, hs)`: the state after the last step and the hidden states `[T, B, H]`.
+
+    The kernels take float32 and float64; a layer in another precision (bfloat16, float16)
+    runs the pure-JAX loops, chosen when the call is traced.
     """
-    cell_fns = CELLS[cell]
     if native is None:
         native = cell == "lstm" and _native.available()
     if native and cell != "lstm":
         raise ValueError(f"no compiled kernels for the {cell!r} cell, only for the LSTM")
     if native and not _native.available():
         raise RuntimeError("the compiled LSTM kernels are unavailable here (see the warning)")
+    pure = _layer(cell, native=False)
+    if not native:
+        return pure
+    compiled = _layer(cell, native=True)
+
+    def recurrent_layer(w_hh, b_hh, b_ih, x_proj, carry, resets):
+        operands = (w_hh, b_hh, b_ih, x_proj, *_as_tuple(carry, cell))
+        chosen = compiled if _native.takes(*operands) else pure
+        return chosen(w_hh, b_hh, b_ih, x_proj, carry, resets)
+
+    return recurrent_layer
+
+
+@cache
+def _layer(cell: str, native: bool) -> Callable[..., tuple[Any, Array]]:
+    """`layer(cell)` with its loops chosen: the compiled kernels on CPU (`native`), else
+    the pure-JAX loops."""
+    cell_fns = CELLS[cell]
 
     def run(w_hh, b_hh, b_ih, x_proj, carry, resets, keep):
         folded, in_loop = cell_fns.loop_bias(b_ih, b_hh)

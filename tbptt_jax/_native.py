@@ -9,9 +9,10 @@ and registers its two functions with XLA for the CPU platform. Each call is wrap
 `custom_partitioning`, so a batch sharded over devices stays sharded: every device runs
 its own rows.
 
-`available()` says whether the kernels are there. Where they cannot be built (no
-compiler, a jaxlib without the FFI headers) it says why once, as a warning, and the layer
-keeps its pure-JAX loops; `TBPTT_JAX_NATIVE=0` turns them off. The cache is
+`available()` says whether the kernels are there, `takes(...)` whether they take a layer's
+operands (float32 or float64). Where they cannot be built (no compiler, a jaxlib without
+the FFI headers) `available()` says why once, as a warning, and the layer keeps its
+pure-JAX loops; `TBPTT_JAX_NATIVE=0` turns them off. The cache is
 `$TBPTT_CACHE_DIR`, else `$XDG_CACHE_HOME/tbptt`, else `~/.cache/tbptt`.
 """
 
@@ -126,6 +127,17 @@ def available() -> bool:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                     platform="cpu")
     return True
+
+
+# The element types `lstm.cc` is compiled for.
+ELEMENT_TYPES = ("float32", "float64")
+
+
+def takes(*operands: Array) -> bool:
+    """Whether the kernels take these operands: all of one element type, float32 or
+    float64. Any other (bfloat16, float16, or a mix) runs the pure-JAX loops."""
+    element_types = {jnp.dtype(operand.dtype).name for operand in operands}
+    return len(element_types) == 1 and element_types <= set(ELEMENT_TYPES)
 
 
 def _like(array: Array, shape: tuple[int, ...] | None = None) -> jax.ShapeDtypeStruct:

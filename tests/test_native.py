@@ -8,7 +8,8 @@ shapes that exercise the kernels' edges (one step, one row, a batch split uneven
 the threads, hidden sizes that are not a whole number of vectors, weights big enough that
 the threads split the hidden units instead), with resets at step 0 and mid-window; a NaN
 reaches the outputs until a reset, as in the pure layer; a gradient of a gradient and
-`vmap` (which run the pure loops) give the pure layer's; with `TBPTT_JAX_NATIVE=0`, or
+`vmap` (which run the pure loops) give the pure layer's, and so does a layer in bfloat16 or
+float16 (the kernels take float32 and float64 only); with `TBPTT_JAX_NATIVE=0`, or
 where the build fails (a warning says why), the layer runs the pure-JAX loops and trains
 the same. A C++ harness checks that the loops give the same results however XLA's pool
 delivers their helper threads, and built for narrower vectors (SSE2, AVX2) as for this CPU.
@@ -127,6 +128,36 @@ def test_a_gradient_of_a_gradient_and_vmap_run_the_pure_loops():
     for member, weights in enumerate(ensemble):
         _, hs = compiled(weights, b_hh, b_ih, x_proj, carry, resets)
         np.testing.assert_allclose(batched_hs[member], hs, **TOLERANCE[jnp.float64])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_a_layer_in_another_precision_runs_the_pure_loops(dtype):
+    """The kernels are compiled for float32 and float64 only. An LSTM in bfloat16 or float16
+    on CPU runs the pure-JAX loops (before, it reached the kernel and failed at run time:
+    "float32 or float64 only"): its program calls no kernel, and its values and gradients
+    are `layer(native=False)`'s, bit for bit. Operands that mix precisions are not taken
+    either."""
+    w_hh, b_hh, b_ih, x_proj, carry, resets = layer_inputs(5, 3, 20, dtype)
+
+    def value_and_gradients(layer):
+        def loss(w_hh, x_proj, carry):
+            (h, c), hs = layer(w_hh, b_hh, b_ih, x_proj, carry, resets)
+            return jnp.sum(jnp.sin(hs.astype(jnp.float32))) + jnp.sum((h * c).astype(jnp.float32))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+    default = value_and_gradients(_kernels.layer("lstm"))
+    assert "tbptt_lstm" not in default.lower(w_hh, x_proj, carry).as_text()
+    got, expected = default(w_hh, x_proj, carry), value_and_gradients(
+        _kernels.layer("lstm", native=False))(w_hh, x_proj, carry)
+    assert jax.tree.leaves(got)[1].dtype == dtype and np.isfinite(float(got[0]))
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
+
+    mixed = (w_hh.astype(jnp.float32), b_hh, b_ih, x_proj.astype(jnp.float32),
+             jax.tree.map(lambda part: part.astype(jnp.float32), carry))
+    assert _native.takes(*mixed[:4], *mixed[4]) is False
+    assert _native.takes(*jax.tree.map(lambda a: a.astype(jnp.float32), mixed[:4])) is True
 
 
 def lowered_lstm_program() -> str:
