@@ -154,10 +154,8 @@ def test_a_layer_in_another_precision_runs_the_pure_loops(dtype):
     for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(e, np.float32))
 
-    mixed = (w_hh.astype(jnp.float32), b_hh, b_ih, x_proj.astype(jnp.float32),
-             jax.tree.map(lambda part: part.astype(jnp.float32), carry))
-    assert _native.takes(*mixed[:4], *mixed[4]) is False
-    assert _native.takes(*jax.tree.map(lambda a: a.astype(jnp.float32), mixed[:4])) is True
+    in_float32 = [operand.astype(jnp.float32) for operand in (w_hh, b_hh, b_ih, x_proj)]
+    assert _native.takes(*in_float32) and not _native.takes(*in_float32[:3], x_proj)
 
 
 def lowered_lstm_program() -> str:
