@@ -239,7 +239,8 @@ def tbptt_train_step(
     if on_nonfinite == "raise" and bool(jnp.any(metrics["skipped"])):
         first = int(np.argmax(np.asarray(metrics["skipped"])))
         raise NonFiniteLossError(
-            f"update {first} of this call has {nonfinite_cause(float(metrics['loss'][first]))}; "
+            f"update {first} of this call (counting from 0) has "
+            f"{nonfinite_cause(float(metrics['loss'][first]))}; "
             "nothing of this call was applied, the params passed in are unchanged. Pass "
             "on_nonfinite='skip' to skip such updates instead.")
     if k2 > k1:

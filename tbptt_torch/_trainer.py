@@ -164,7 +164,8 @@ def tbptt_train_step(
             losses.append(loss.detach())
         elif on_nonfinite == "raise":
             raise NonFiniteLossError(
-                f"update {update.index} of this call has {nonfinite_cause(loss.item())}; it "
+                f"update {update.index} of this call (counting from 0) has "
+                f"{nonfinite_cause(loss.item())}; it "
                 "was not applied (the updates before it were). Pass on_nonfinite='skip' to "
                 "skip such updates instead.")
         else:
