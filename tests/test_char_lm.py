@@ -78,3 +78,48 @@ def test_the_script_runs_small_and_passes(capsys):
     assert "4 streams x 240 steps, vocabulary 97, 12 calls x 4 updates = 48 updates" in out
     assert "OK: the two frameworks trained the same model" in out
     assert "wrote" not in out  # the script writes files only when given --out
+
+
+SMALL_RUN = ["--hidden", "16", "--k1", "5", "--batch", "4", "--chars", "1000",
+             "--updates-per-call", "4", "--lr", "1e-2", "--sample-length", "0"]
+
+
+def test_the_script_fails_when_one_framework_drops_a_weight(monkeypatch, capsys):
+    """The gate's first purpose: a port that does not compute the same function exits 1
+    with the message that says so. Here the JAX side loses torch's second bias, a mistake
+    ports make (torch's cells have two biases, most JAX cells one)."""
+    build_models = char_lm.build_models
+
+    def without_the_second_bias(*args, **kwargs):
+        models = build_models(*args, **kwargs)
+        params = {**models.params, "rnn.bias_hh_l0": np.zeros_like(
+            models.params["rnn.bias_hh_l0"])}
+        return models._replace(params=params)
+
+    monkeypatch.setattr(char_lm, "build_models", without_the_second_bias)
+    status = script.main(SMALL_RUN)
+    captured = capsys.readouterr()
+    assert status == 1, captured.out
+    assert "FAIL: the frameworks' losses differ by more than the tolerance" in captured.err
+    assert "OK: the two frameworks" not in captured.out
+
+
+def test_the_script_fails_when_jax_restarts_every_call_from_a_zero_carry(monkeypatch,
+                                                                        capsys):
+    """The gate's second purpose, the classic streaming mistake: each call of one
+    framework starts from the zero carry instead of the carry the last call returned. The
+    first call agrees; the first update of the second call does not."""
+    train_step = char_lm.tbptt_jax.tbptt_train_step
+
+    def from_a_zero_carry(params, opt_state, carry, xs, ys, **kwargs):
+        carry = kwargs["apply_fn"].__self__.initial_carry(xs.shape[1])
+        return train_step(params, opt_state, carry, xs, ys, **kwargs)
+
+    monkeypatch.setattr(char_lm.tbptt_jax, "tbptt_train_step", from_a_zero_carry)
+    status = script.main(SMALL_RUN)
+    captured = capsys.readouterr()
+    assert status == 1, captured.out
+    assert "FAIL: the frameworks' losses differ by more than the tolerance" in captured.err
+    assert "updates 1-48: largest rel diff" in captured.out
+    first_call = [line for line in captured.out.splitlines() if line.startswith("     1 ")]
+    assert first_call and float(first_call[0].split()[4]) < 1e-4  # rel diff, update 1
