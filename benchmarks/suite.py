@@ -30,7 +30,8 @@ of every implementation are compared with JAX's (`loss_max_rel_diff`), so a tabl
 only as good as the evidence that it did the same work.
 
 `run_suite` returns the results dict (schema `SCHEMA`) that `write_results` saves and
-`benchmarks.report` renders; `run(args)` is `tbptt bench`.
+`benchmarks.report` renders; `main(argv)` is the command line (`python -m benchmarks.suite`,
+or `tbptt bench` from a checkout).
 """
 
 from __future__ import annotations
@@ -885,7 +886,7 @@ def _parse_steps(items: Sequence[str]) -> dict[str, int]:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """`run_suite`'s arguments from `tbptt bench`'s options, each checked."""
+    """`run_suite`'s arguments from the command line's options, each checked."""
     quick = args.quick
     scale = args.scale if args.scale is not None else (0.1 if quick else 1.0)
     cpu_budget = args.scale is None and not quick and args.device == "cpu"
@@ -921,7 +922,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """`tbptt bench`: runs the suite as the options say, writes the JSON and the report."""
+    """Runs the suite as the options say, writes the JSON and the report."""
     from benchmarks import report
 
     try:
@@ -956,11 +957,79 @@ def _scaling(out_dir: Path) -> dict[str, Any]:
     return scaling.run(out_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from tbptt.commands.bench import add_arguments
+USAGE = """Benchmark the JAX and PyTorch TBPTT trainers against each other.
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.suite",
-                                     description=__doc__.splitlines()[0])
+Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM) for every chosen cell
+(Elman, GRU, LSTM) through every chosen implementation (jax, jax-dp: the batch split over
+the cores as XLA CPU devices, torch-hand, torch-fused, torch-ignite, torch-compile;
+torch-cudnn on CUDA), all from the same initial weights and data, interleaved, with
+warm-up and repeats; then the streamed-memory check (T = 1e4 vs 1e6 steps; 1e5 on a CPU
+by default, see --memory-steps). Writes <out>/<name>.json (versions, machine, thread
+counts, settings, every repeat), and from it <out>/<name>.md (the table, ratios and
+targets) and PNG plots. Needs JAX and PyTorch; Ignite is optional (its implementation is
+reported as skipped without it).
+
+Examples:
+  tbptt bench                                   # the full matrix, 5-20 min on 2 idle cores
+  tbptt bench --quick                           # a reduced matrix, a couple of minutes
+  tbptt bench --configs S M --cells lstm --implementations jax torch-fused --repeats 5
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", nargs="*", choices=tuple(CONFIGS), default=None,
+                        metavar="CONFIG", help=f"configurations to run, of {tuple(CONFIGS)} "
+                        "(default: all; none, to run only the memory check)")
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
+                        metavar="CELL", help="recurrent cells (default: all three)")
+    parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS,
+                        default=None, metavar="IMPL",
+                        help=f"implementations, of {IMPLEMENTATIONS} (default: all that "
+                        "apply to the device; torch-cudnn only on CUDA)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per implementation, medians reported (default 5; "
+                        "3 with --quick)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls after the first (compiling) call (default 1)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="multiply every configuration's sequence length T by this "
+                        "(rounded to a multiple of k1, at least 2*k1); the steps run are "
+                        "recorded (default 1; 0.1 with --quick)")
+    parser.add_argument("--steps", nargs="+", default=[], metavar="CONFIG=T",
+                        help="set one configuration's sequence length, e.g. L=500 (overrides "
+                        "--scale for it)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both frameworks run (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameters and data type (default float32; TF32 is always off)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: the number of physical cores)")
+    parser.add_argument("--memory-steps", nargs=2, type=int, default=None,
+                        metavar=("SHORT", "LONG"),
+                        help="streamed lengths of the memory check (default 10000 1000000 on "
+                        "CUDA, 10000 100000 on a CPU, 1000 10000 with --quick)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the streamed-memory check")
+    parser.add_argument("--compile-allow-rnn", action="store_true",
+                        help="torch-compile with dynamo's experimental allow_rnn=True (by "
+                        "default dynamo skips the models' forward: nn.RNN/GRU/LSTM unsupported)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also run benchmarks/scaling.py (throughput vs devices)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a reduced matrix: T scaled by 0.1, 3 repeats, a short memory "
+                        "check, a smaller matrix-product probe")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default benchmarks/results of the checkout)")
+    parser.add_argument("--name", default=None,
+                        help="results file stem (default: cpu, cpu-quick, cuda-float32, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks.suite"
+         ) -> int:
+    """The suite's command line (also `tbptt bench`, which hands its arguments here)."""
+    parser = argparse.ArgumentParser(prog=prog, description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from examples import audit_loops as loops
-from tbptt.cli import main
+from tbptt_cli.cli import main
 from tbptt_torch.audit import RTOL, AuditError, Tbptt, audit
 
 T, K = 22, 4  # the audit's defaults for k1 = 4: five whole chunks and a tail of 2

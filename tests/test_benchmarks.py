@@ -247,10 +247,8 @@ def test_memory_child_reports_its_own_peak():
 def test_bench_options_defaults_quick_and_errors(capsys):
     import argparse
 
-    from tbptt.commands import bench
-
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    suite.add_arguments(parser)
     options = suite._options(parser.parse_args([]))
     assert {c.name: c.steps for c in options["configs"]} == {
         "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175}

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from examples import char_lm as script
-from tbptt import text
-from tbptt_parity import char_lm
+from tbptt_cli import char_lm, text
 
 
 @pytest.fixture(autouse=True)

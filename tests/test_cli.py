@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import tbptt_parity
-from tbptt import cli
-from tbptt.commands import parity, train
-from tbptt.progress import Progress
+from tbptt_cli import cli
+from tbptt_cli.commands import parity, train
+from tbptt_cli.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = ROOT / "examples" / "port_check.py"
@@ -44,7 +44,7 @@ def test_help_describes_the_command_and_every_option(name):
 
 
 def test_the_command_lists_its_subcommands_and_imports_no_framework_for_help():
-    code = ("import sys\nfrom tbptt import cli\ntext = cli.build_parser().format_help()\n"
+    code = ("import sys\nfrom tbptt_cli import cli\ntext = cli.build_parser().format_help()\n"
             "print(sorted(m for m in ('jax', 'torch') if m in sys.modules))\nprint(text)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
@@ -121,7 +121,7 @@ def test_train_splits_the_batch_over_two_jax_devices_with_the_same_updates(tmp_p
                  "--updates", "6", "--updates-per-call", "3", "--dtype", "float64",
                  "--sample-length", "5", "--no-progress", "--jax-devices", "2",
                  "--out", str(out)]
-    done = subprocess.run([sys.executable, "-m", "tbptt.cli", *arguments], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "tbptt_cli", *arguments], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on cpu (2 devices, the batch split over them)" in done.stdout

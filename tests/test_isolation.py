@@ -1,9 +1,15 @@
-"""Each framework package works without the other framework installed (SPEC §2).
+"""The packages stand on floors, and each framework package works without the other.
+
+Floors, one direction only: the framework-free core `tbptt` at the ground; `tbptt_jax` and
+`tbptt_torch` on it, never importing each other; `tbptt_parity` above both; the
+applications (`tbptt_cli`) and `benchmarks` on top, the command reaching the benchmarks and
+never the reverse. The sources are read: every import, at any depth of a module's code,
+must go down (or stay in its own package), and no module of either framework package, nor
+the core, imports the other framework.
 
 In a fresh interpreter, a `sys.meta_path` finder makes the other framework unimportable
 (an `ImportError`, as when it is not installed); `tbptt_jax` must then import and train one
-TBPTT call without torch, and `tbptt_torch` without jax. The sources are also read: no
-module of either package, nor the shared `tbptt`, imports the other framework.
+TBPTT call without torch, and `tbptt_torch` without jax.
 """
 
 from __future__ import annotations
@@ -130,6 +136,39 @@ def test_no_source_of_a_package_imports_the_other_framework(package):
     for path in sources:
         forbidden = imported_roots(path) & OTHER_FRAMEWORK[package]
         assert not forbidden, f"{path.relative_to(ROOT)} imports {sorted(forbidden)}"
+
+
+FLOORS = {"tbptt": 0, "tbptt_jax": 1, "tbptt_torch": 1, "tbptt_parity": 2, "tbptt_cli": 3,
+          "benchmarks": 3}
+# Imports between packages of one floor that are allowed (one direction, so no circle).
+ACROSS = {("tbptt_cli", "benchmarks")}
+
+
+def upward_imports(package: str) -> list[str]:
+    """`path imports name` for every import of `package`'s sources that does not go down."""
+    found = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in sorted(imported_roots(path) & FLOORS.keys() - {package}):
+            if FLOORS[name] >= FLOORS[package] and (package, name) not in ACROSS:
+                found.append(f"{path.relative_to(ROOT)} imports {name}")
+    return found
+
+
+@pytest.mark.parametrize("package", list(FLOORS))
+def test_no_package_imports_one_on_its_own_floor_or_above(package):
+    assert upward_imports(package) == []
+
+
+def test_the_floor_scan_sees_an_upward_import(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "tbptt").mkdir()
+    (tmp_path / "tbptt" / "schedule.py").write_text("import numpy\nfrom tbptt import checks\n")
+    assert upward_imports("tbptt") == []
+    (tmp_path / "tbptt" / "text.py").write_text("def f():\n    from tbptt_cli import text\n")
+    assert upward_imports("tbptt") == ["tbptt/text.py imports tbptt_cli"]
+    (tmp_path / "tbptt_jax").mkdir()
+    (tmp_path / "tbptt_jax" / "x.py").write_text("import tbptt_torch.models\n")
+    assert upward_imports("tbptt_jax") == ["tbptt_jax/x.py imports tbptt_torch"]
 
 
 def test_the_import_scan_sees_every_form_of_import(tmp_path):

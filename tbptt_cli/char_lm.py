@@ -2,10 +2,10 @@
 
 Both frameworks train the same model (Elman, GRU or LSTM from `tbptt_jax.models` /
 `tbptt_torch.models`) from the same initial weights, drawn by torch and carried to JAX with
-`tbptt_torch.to_jax`, on the same streams (`tbptt.text`), with the same Adam settings. The
+`tbptt_torch.to_jax`, on the same streams (`tbptt_cli.text`), with the same Adam settings. The
 stream is fed a segment at a time: each call of `tbptt_train_step` runs a few TBPTT updates
 and returns the carry the next call continues from. Everything returned is numpy, so the
-command that reports on it (`tbptt.commands.train`) needs neither framework.
+command that reports on it (`tbptt_cli.commands.train`) needs neither framework.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 import tbptt_jax
 import tbptt_torch
-from tbptt.text import VOCAB_SIZE, decode, encode, one_hot, segments
+from tbptt_cli.text import VOCAB_SIZE, decode, encode, one_hot, segments
 from tbptt_jax import sharding
 from tbptt_parity._harness import CELLS
 

@@ -176,9 +176,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None,
 def _train(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tbptt import text
-    from tbptt.progress import Progress
-    from tbptt_parity import char_lm
+    from tbptt_cli import char_lm, text
+    from tbptt_cli.progress import Progress
 
     k2 = args.k1 if args.k2 is None else args.k2
     segment_length = args.k1 * args.updates_per_call
@@ -290,7 +289,7 @@ def _train(args: argparse.Namespace) -> int:
                 "parity": parity,
                 "sample": sampled,
             }
-            log["config"].pop("run", None)  # the subcommand's function, set by tbptt.cli
+            log["config"].pop("run", None)  # the subcommand's function, set by tbptt_cli.cli
             (out / LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
             plot_losses({name: np.asarray(run.losses) for name, run in runs.items()},
                         out / PLOT_NAME,

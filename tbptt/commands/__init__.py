@@ -1,1 +1,0 @@
-"""The subcommands of the `tbptt` command, one module each (see `tbptt.cli`)."""

@@ -1,0 +1,1 @@
+"""The subcommands of the `tbptt` command, one module each (see `tbptt_cli.cli`)."""

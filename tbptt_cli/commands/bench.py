@@ -1,0 +1,41 @@
+"""Benchmark the JAX and PyTorch TBPTT trainers against each other (needs a source checkout).
+
+`tbptt bench [OPTIONS]` is `python -m benchmarks.suite [OPTIONS]`: the suite lives in the
+checkout's `benchmarks/` folder, which is not installed with the package, and owns its
+options (`tbptt bench --help` lists them). From an installed package without the checkout,
+the command says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# The suite parses its own options: the `tbptt` command hands them over unparsed.
+PASS_THROUGH = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """None of its own: every option belongs to the suite."""
+
+
+def _suite() -> ModuleType:
+    """benchmarks.suite, importable as it is or from the checkout this package lives in."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "benchmarks" / "suite.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    return importlib.import_module("benchmarks.suite")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        suite = _suite()
+    except ModuleNotFoundError as error:
+        print(f"tbptt bench: needs the source checkout (benchmarks/ beside the packages) and "
+              f"both JAX and PyTorch ({error}); run it from a checkout, where "
+              f"`python -m benchmarks.suite` is the same command", file=sys.stderr)
+        return 2
+    return suite.main(args.arguments, prog="tbptt bench")
