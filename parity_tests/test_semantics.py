@@ -308,8 +308,9 @@ def test_scan_equals_loop(cell, num_layers, resets):
 # (g) ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k1, k2", [(5, 5), (5, 8)], ids=["k1=k2=5", "k1=5,k2=8"])
-def test_same_shapes_do_not_recompile(k1, k2):
-    from tbptt_jax._trainer import _train
+def test_a_stream_compiles_once(k1, k2):
+    """The calls of a stream share one program, the first call (no overlap yet) too."""
+    from tbptt_jax._trainer import _jitted_step
 
     length = 23  # this test's own shapes, so no other test has compiled them
     models = make_models("elman", INPUTS, 7, OUTPUTS, seed=10)
@@ -317,19 +318,39 @@ def test_same_shapes_do_not_recompile(k1, k2):
     optimizer = optax.adam(0.01)
     params, opt_state = models.params, optimizer.init(models.params)
     carry = models.jax_model.initial_carry(BATCH, jnp.float64)
-    compiled, losses = [_train._cache_size()], []
+    compiled, losses = [_jitted_step._cache_size()], []
     for segment in range(3):  # one stream in three calls of equal length
         window = slice(segment * length, (segment + 1) * length)
         params, opt_state, carry, metrics = tbptt_jax.tbptt_train_step(
             params, opt_state, carry, xs[window], ys[window], apply_fn=models.jax_model.apply,
             loss_fn=tbptt_jax.losses.mse, optimizer=optimizer, k1=k1, k2=k2)
-        compiled.append(_train._cache_size())
+        compiled.append(_jitted_step._cache_size())
         losses.append(np.asarray(metrics["loss"]))
-    assert compiled[1] == compiled[0] + 1
-    # With k2 > k1 the second call has an overlap history: new shapes, one new program.
-    assert compiled[2] == compiled[1] + (k2 > k1)
-    assert compiled[3] == compiled[2]  # same shapes as the call before: nothing compiled
+    assert compiled == [compiled[0]] + [compiled[0] + 1] * 3
     assert not np.array_equal(losses[1], losses[2])
+
+
+@pytest.mark.parametrize("k1, k2s", [(1, (9, 35)), (2, (10, 100)), (5, (10, 50))])
+def test_the_program_does_not_grow_with_k2_over_k1(k1, k2s):
+    """The model is traced as many times for k2 = 35 as for k2 = 9: every window has one
+    shape, whatever its place in the stream (a window clipped at step 0 is padded)."""
+    models = make_models("lstm", INPUTS, 7, OUTPUTS, seed=12)
+    xs, ys, _ = random_sequences(120, BATCH, INPUTS, OUTPUTS, seed=12)
+    traces = []
+    for k2 in k2s:
+        count = [0]
+
+        def apply(params, carry, xs, count=count):
+            count[0] += 1
+            return models.jax_model.apply(params, carry, xs)
+
+        optimizer = optax.sgd(0.01)
+        tbptt_jax.tbptt_train_step(
+            models.params, optimizer.init(models.params),
+            models.jax_model.initial_carry(BATCH, jnp.float64), xs, ys, apply_fn=apply,
+            loss_fn=tbptt_jax.losses.mse, optimizer=optimizer, k1=k1, k2=k2)
+        traces.append(count[0])
+    assert traces[0] == traces[1] <= 8, traces
 
 
 # (h) ------------------------------------------------------------------------------------

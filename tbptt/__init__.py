@@ -1,5 +1,9 @@
-"""What both trainers share and neither framework is needed for: the TBPTT update schedule
-and the argument checks."""
+"""The framework-free core that both trainers stand on: the TBPTT update schedule, every
+argument check, the types a stream carries, and nested containers for the torch side.
+
+Nothing here imports JAX or PyTorch (numpy at most): `tbptt_jax` and `tbptt_torch` build on
+it and never on each other.
+"""
 
 from tbptt.checks import (
     ON_NONFINITE,
@@ -11,6 +15,8 @@ from tbptt.checks import (
     check_overlap,
 )
 from tbptt.schedule import Schedule, Update, plan, run_window
+from tbptt.stream import NonFiniteLossError, OverlapCarry
 
-__all__ = ["ON_NONFINITE", "REDUCTIONS", "TAILS", "Schedule", "Update", "check_choice",
-           "check_int", "check_k", "check_overlap", "plan", "run_window"]
+__all__ = ["ON_NONFINITE", "REDUCTIONS", "TAILS", "NonFiniteLossError", "OverlapCarry",
+           "Schedule", "Update", "check_choice", "check_int", "check_k", "check_overlap", "plan",
+           "run_window"]

@@ -6,7 +6,6 @@ Each check raises `ValueError` naming the argument, the value expected and the v
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 
@@ -71,8 +70,64 @@ def check_param_shapes(expected: Mapping[str, Sequence[int]],
                              f"got {tuple(actual[name])}")
 
 
-def nonfinite_cause(loss: float) -> str:
-    """Says what was not finite in a skipped update, for error messages."""
-    if not math.isfinite(loss):
-        return f"a non-finite loss ({loss})"
-    return f"a non-finite gradient (its loss, {loss}, is finite)"
+def check_sequences(xs: Mapping[str, Sequence[int]], ys: Mapping[str, Sequence[int]]
+                    ) -> tuple[int, int]:
+    """Checks time-major data and returns its `(T, B)`.
+
+    `xs` and `ys` map each array's name to its shape: `{"xs": shape}` for one array, or
+    every leaf's path for a structure (`{"xs['obs']": ..., "xs['flag']": ...}`). Every
+    array must be `[T, B, ...]` with one T >= 1 and one B >= 1.
+    """
+    for group, arrays in (("xs", xs), ("ys", ys)):
+        if not arrays:
+            raise ValueError(f"{group} must hold at least one [T, B, ...] array, got none")
+    arrays = {**xs, **ys}
+    if any(len(shape) < 2 for shape in arrays.values()):
+        described = " and ".join(f"{name} of shape {tuple(shape)}"
+                                 for name, shape in arrays.items())
+        raise ValueError(f"xs and ys must be time-major [T, B, ...]; got {described}")
+    (first, shape), *_ = xs.items()
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"{first} must hold at least one step of one sequence, got shape "
+                         f"{tuple(shape)}")
+    expected = tuple(shape[:2])
+    for name, other in arrays.items():
+        if tuple(other[:2]) != expected:
+            raise ValueError(f"{name} must have the [T, B] of {first}, expected {expected}, "
+                             f"got {tuple(other[:2])}")
+    return expected
+
+
+def check_resets(shape: Sequence[int], dtype: str, is_bool: bool,
+                 sequence: tuple[int, int]) -> None:
+    """`resets` must be bool `[T, B]`; `dtype` is how the framework names its dtype."""
+    if tuple(shape) != tuple(sequence) or not is_bool:
+        raise ValueError(f"resets must be bool of shape [T, B] = {tuple(sequence)}, got "
+                         f"{dtype} of shape {tuple(shape)}")
+
+
+def check_carry(expected: object, got: object, batch_size: int) -> None:
+    """A carry, described leaf by leaf as `dtype[shape]` in its structure, must be the one
+    the model declares for this batch size."""
+    if got != expected:
+        raise ValueError(f"carry must match the model and batch size {batch_size}: expected "
+                         f"{expected}, got {got}")
+
+
+def model_fails(carry: object, xs: str, error: Exception) -> ValueError:
+    """The error for a model that cannot run on the carry and xs it was given (described as
+    the frameworks describe them: xs by its shape), quoting what the model raised."""
+    return ValueError(f"the model fails on the carry {carry} and xs of shape {xs}: {error}")
+
+
+def check_float_dtypes(params: set[str], carry: set[str], xs: set[str], *, hint: str = ""
+                       ) -> None:
+    """The parameters, the carry and floating inputs must compute in one floating dtype
+    (each set holds the dtypes of one's floating leaves; integer inputs such as token ids
+    take no part). One message names all three, so a mismatch is found in one look."""
+    if len(params | carry | xs) <= 1:
+        return
+    def name(dtypes: set[str]) -> str:
+        return "/".join(sorted(dtypes)) or "none"
+    raise ValueError(f"params, carry and xs must share one floating-point dtype; got params "
+                     f"{name(params)}, carry {name(carry)}, xs {name(xs)}{hint}")

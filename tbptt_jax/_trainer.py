@@ -1,19 +1,32 @@
 """The JAX TBPTT(k1, k2) trainer: every update of a sequence in one compiled program.
 
-`tbptt_train_step` checks its arguments, then calls `_train`, which is jitted with the
-update schedule (`tbptt.plan`) as a static argument. `_train` reads as SPEC §1: each update
-starts from the carry at its window start as a constant (`stop_gradient`), runs the model
-over its window with the current parameters, reduces the loss over the steps it owns,
-differentiates, applies the optax update, and hands on the carry its forward reached at
-the next window's start. Each run of consecutive updates with one window shape is one
-`lax.scan`; windows clipped at step 0 and a partial last chunk are runs of their own.
+`trainer(apply_fn, loss_fn, optimizer, k1=..., ...)` takes the static configuration once,
+checks it once, and returns a `Trainer` of two pure functions: `init` builds a
+`TBPTTState` (parameters, optimizer state, carry, the overlap a k2 > k1 stream carries,
+the updates made and an optional PRNG key), `step` trains on one sequence. `step` reads as
+SPEC §1: each update starts from the carry at its window start as a constant
+(`stop_gradient`), runs the model over its window with the current parameters, reduces the
+loss over the (weighted) steps it owns, differentiates, applies the optax update unless
+the loss or gradient is not finite or the update owns no weight, and hands on the carry
+its forward reached at the next window's start. Every full update is one iteration of one
+`lax.scan`; a partial last update and the carry's advance over a dropped tail are pieces
+of their own. Windows have one length whatever their place in the stream
+(`tbptt_jax._windows`), so one program serves a stream's first call and its later ones,
+and its size does not grow with (k2 - k1) / k1.
 
-With k2 > k1 the next call of a stream must recompute the overlap, so the carry returned
-is an `OverlapCarry`: the state at the start of the overlap plus the overlap's inputs.
+What `step` checks of the model, the carry and the data it checks while tracing, once per
+compiled program: a model may declare `param_shapes()` and `initial_carry(batch_size,
+dtype)` (on the object whose bound method `apply_fn` is), and any `apply_fn` is traced
+for one step and `loss_fn` on its predictions.
+
+`tbptt_train_step(params, opt_state, carry, xs, ys, ...)` is the one-call form on top:
+it builds the trainer, turns the carry (an `OverlapCarry` when k2 > k1) into a state,
+steps, and hands back `(params, opt_state, carry, metrics)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -27,149 +40,424 @@ from tbptt.checks import (
     ON_NONFINITE,
     REDUCTIONS,
     TAILS,
+    check_carry,
     check_choice,
+    check_float_dtypes,
     check_k,
     check_overlap,
     check_param_shapes,
-    nonfinite_cause,
+    check_resets,
+    check_sequences,
+    model_fails,
 )
-from tbptt.schedule import Schedule, plan, run_window
-from tbptt_jax.models import RecurrentModel
+from tbptt.stream import NonFiniteLossError, OverlapCarry, nonfinite_message
+from tbptt_jax import _windows
+
+__all__ = ["NonFiniteLossError", "OverlapCarry", "TBPTTState", "Trainer", "tbptt_train_step",
+           "trainer"]
 
 Array = jax.Array
 Params = Any  # a pytree of arrays; the models in `tbptt_jax.models` use a flat dict
 Carry = Any
-ApplyFn = Callable[..., tuple[Carry, Array]]
-LossFn = Callable[[Array, Array], Array]
-
-class OverlapCarry(NamedTuple):
-    """What a stream carries from one call to the next when k2 > k1.
-
-    The next call's first window starts `k2 - k1` steps before its first new step, so it
-    needs the model state there and the inputs of those steps, recomputed with the
-    parameters it then has (SPEC §1: no stale activations).
-    """
-
-    state: Carry  # the model's carry before the first overlap step
-    xs: Array  # shape=[n, B, ...]: the overlap's inputs, n <= k2 - k1
-    resets: Array | None  # shape=[n, B], bool; None when the stream has no resets
+ApplyFn = Callable[..., tuple[Carry, Any]]
+LossFn = Callable[[Any, Any], Array]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """An update's loss or gradient was not finite; the parameters passed in are intact."""
+class TBPTTState(NamedTuple):
+    """Everything a stream needs to continue: what `Trainer.step` takes and returns."""
+
+    params: Params
+    opt_state: optax.OptState
+    carry: Carry  # the model's carry at the stream's first step still needed: that of the
+    # overlap's first real step (k2 > k1), else that before the next new step
+    overlap: Any  # k2 > k1: the last k2 - k1 inputs, leaves [k2 - k1, B, ...]; else None
+    overlap_resets: Array | None  # shape=[k2 - k1, B], bool; None for a stream without resets
+    overlap_steps: Array  # shape=(), int32: how many of `overlap`'s last steps are the
+    # stream's (fewer than k2 - k1 near its start; the steps before them are padding)
+    updates: Array  # shape=(), int32: updates made so far in the stream, skipped ones too
+    key: Array | None  # with a key, update u of the stream runs the model with key=
+    # fold_in(fold_in(key, u), offset), offset the first step of the model call in the window
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static configuration of a trainer (hashable: it keys the compiled program)."""
+
+    apply_fn: ApplyFn
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    k1: int
+    k2: int
+    reduction: str
+    tail: str
+    trace: bool
+    model: Any  # the object `apply_fn` is a bound method of, asked what it declares
+
+    @property
+    def overlap(self) -> int:
+        return self.k2 - self.k1
 
 
 class _Record(NamedTuple):
     loss: Array  # shape=()
     skipped: Array  # shape=(), bool: the loss or a gradient was not finite
+    weight: Array  # shape=(): the summed weight of the loss terms the update owns
     grads: Params | None  # the update's gradient, when traced
     params: Params | None  # the parameters after the update, when traced
 
 
-def _run_model(apply_fn: ApplyFn, params: Params, carry: Carry, xs: Array,
-               resets: Array | None) -> tuple[Carry, Array]:
-    if resets is None:
-        return apply_fn(params, carry, xs)
-    return apply_fn(params, carry, xs, resets)
+class Trainer(NamedTuple):
+    """A configured TBPTT trainer: `init` and `step` are pure; `step` is jitted."""
+
+    init: Callable[..., TBPTTState]
+    step: Callable[..., tuple[TBPTTState, dict[str, Any]]]
 
 
-def _window_loss(params, start_carry, window_xs, window_resets, targets, *, shape,
-                 apply_fn, loss_fn, reduction):
-    """The loss of one update and the carry it hands on, as a function of the parameters."""
-    # Truncation: the window starts from a constant; no gradient reaches earlier steps.
-    start_carry = jax.lax.stop_gradient(start_carry)
+def trainer(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+            k1: int, k2: int | None = None, reduction: str = "mean", tail: str = "partial",
+            trace: bool = False) -> Trainer:
+    """Builds a TBPTT(k1, k2) trainer.
 
-    def run(carry, lo, hi):
-        resets = None if window_resets is None else window_resets[lo:hi]
-        return _run_model(apply_fn, params, carry, window_xs[lo:hi], resets)
+    Args:
+      apply_fn: `(params, carry, xs[, resets][, key=]) -> (carry, preds)` over a time-major
+        chunk; it gets `resets` only when the stream has resets and `key` only when the
+        state has a key. A model's bound `apply` (e.g. `tbptt_jax.models.lstm(...).apply`)
+        also lends the trainer the model's `initial_carry` and `param_shapes`.
+      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`.
+      optimizer: any `optax.GradientTransformation`.
+      k1: steps between updates; each update owns k1 loss steps.
+      k2: steps each update backpropagates through (k2 >= k1; defaults to k1).
+      reduction: "mean" (divide by the loss terms' weight, as Ignite) or "sum" (the hand
+        loop of SPEC §0).
+      tail: "partial" trains a last chunk shorter than k1; "drop" leaves it untrained,
+        though it still advances the carry.
+      trace: also return each update's gradient and the parameters after it, stacked over
+        updates, as `metrics["grads"]` and `metrics["params"]` (for parity checks).
 
-    handoff_carry, preds = run_window(run, start_carry, shape, jnp.concatenate)
+    Returns:
+      A `Trainer`: `init(params, xs, carry=None, *, resets=False, key=None, opt_state=None)`
+      -> `TBPTTState` and `step(state, xs, ys, *, resets=None, mask=None)` -> `(state,
+      metrics)`, with `metrics["loss"]`, `["skipped"]` and `["weight"]` of shape `[U]`.
+    """
+    k1, k2 = check_k(k1, k2)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("tail", tail, TAILS)
+    if not callable(apply_fn):
+        raise ValueError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation, got "
+                         f"{type(optimizer).__name__}")
+    config = _Config(apply_fn, loss_fn, optimizer, k1, k2, reduction, tail, bool(trace),
+                     getattr(apply_fn, "__self__", None))
+    return Trainer(partial(_init, config), partial(_jitted_step, config=config))
+
+
+def _init(config: _Config, params: Params, xs: Any, carry: Carry | None = None, *,
+          resets: bool = False, key: Array | None = None,
+          opt_state: optax.OptState | None = None) -> TBPTTState:
+    """A stream's state before its first step.
+
+    Args:
+      params: the model's parameters.
+      xs: the stream's first sequence, or any with its batch and per-step shapes and dtypes
+        (they size the overlap buffer and the zero carry).
+      carry: the state before the first step; None for the model's zero carry in the
+        parameters' dtype (for a model that declares `initial_carry`).
+      resets: whether the stream's calls pass `resets` (k2 > k1: keeps their overlap, so
+        the state has one structure from the first call on, as `lax.scan` needs).
+      key: a PRNG key for `apply_fn` (dropout), or None for none.
+      opt_state: the optimizer state to continue from; default `optimizer.init(params)`.
+    """
+    xs = _as_arrays(xs)
+    batch = _sequence(xs, "xs")[1]
+    if carry is None:
+        carry = _zero_carry(config, params, batch)
+    overlap = overlap_resets = None
+    if config.overlap:
+        overlap = jax.tree.map(
+            lambda leaf: jnp.zeros((config.overlap, *leaf.shape[1:]), leaf.dtype), xs)
+        if resets:
+            overlap_resets = jnp.zeros((config.overlap, batch), bool)
+    return TBPTTState(params, config.optimizer.init(params) if opt_state is None else opt_state,
+                      _as_carry(carry), overlap, overlap_resets, jnp.int32(0), jnp.int32(0),
+                      key)
+
+
+def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
+          mask: Array | None = None, *, config: _Config) -> tuple[TBPTTState, dict[str, Any]]:
+    length, batch = _check_step(config, state, xs, ys, resets, mask)
+    k1, overlap = config.k1, config.overlap
+    full_updates, remainder = divmod(length, k1)
+    partial_tail = config.tail == "partial" and remainder > 0
+
+    # The extended sequence: the overlap the stream carries, then this call's steps.
+    if resets is None and state.overlap_resets is not None:
+        resets = jnp.zeros((length, batch), bool)
+    inputs = (xs, resets)
+    if overlap:
+        history_resets = state.overlap_resets
+        if resets is not None and history_resets is None:
+            history_resets = jnp.zeros((overlap, batch), bool)
+        inputs = _windows.concatenate([(state.overlap, history_resets), inputs])
+    # Positions in the extended sequence before `start` precede the stream's first step.
+    start = overlap - state.overlap_steps if overlap else None
+    initial_carry = state.carry
+
+    def pad_at(position: Any) -> Array | None:
+        return None if start is None else jnp.maximum(start - position, 0)
+
+    def update_key(index: Any) -> Array | None:
+        return None if state.key is None else jax.random.fold_in(state.key, state.updates + index)
+
+    def apply_part(params, key, carry, part, offset):
+        part_xs, part_resets = part
+        kwargs = {} if key is None else {"key": jax.random.fold_in(key, offset)}
+        extra = () if part_resets is None else (part_resets,)
+        return config.apply_fn(params, carry, part_xs, *extra, **kwargs)
+
+    def update(params, opt_state, start_carry, window_start, index, *, loss_steps):
+        """One TBPTT update: forward over its window, gradient, one optimizer step."""
+        window = _windows.take(inputs, window_start, overlap + loss_steps)
+        targets = _windows.take(ys, window_start, loss_steps)
+        weights = None if mask is None else _windows.take(mask, window_start, loss_steps)
+        key = update_key(index)
+
+        def loss_of(params):
+            # Truncation: the window starts from a constant; no gradient reaches earlier steps.
+            handoff_carry, preds = _windows.run_window(
+                partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
+                jax.lax.stop_gradient(initial_carry), window, pad_at(window_start),
+                loss_steps=loss_steps, handoff=loss_steps,
+                chunk=_windows.chunk_size(k1, overlap, loss_steps))
+            loss, weight = _reduce(config.loss_fn, preds, targets, weights, config.reduction)
+            return loss, (weight, handoff_carry)
+
+        (loss, (weight, handoff_carry)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params)
+        updates, new_opt_state = config.optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient never reaches the parameters or the optimizer state;
+        # nor does an update that owns no weight (every loss term masked out).
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite & (weight > 0), new, old))
+        params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+        record = _Record(loss, ~finite, weight, grads if config.trace else None,
+                         params if config.trace else None)
+        return params, opt_state, handoff_carry, record
+
+    params, opt_state, carry = state.params, state.opt_state, initial_carry
+    records = []
+    if full_updates:
+        def scanned(loop, index):
+            params, opt_state, carry, record = update(*loop, index * k1, index, loss_steps=k1)
+            return (params, opt_state, carry), record
+
+        (params, opt_state, carry), record = jax.lax.scan(
+            scanned, (params, opt_state, carry), jnp.arange(full_updates))
+        records.append(record)
+    if partial_tail:
+        params, opt_state, carry, record = update(
+            params, opt_state, carry, full_updates * k1, full_updates, loss_steps=remainder)
+        records.append(jax.tree.map(lambda leaf: leaf[None], record))
+    elif remainder:
+        # tail="drop": the untrained remainder still advances the carry, with the final
+        # params, from the last hand-off to where the next call's first window starts.
+        position = full_updates * k1
+        key = update_key(full_updates)
+        carry, _ = _windows.run_window(
+            partial(apply_part, params, None if key is None else jax.random.fold_in(
+                key, config.k2)),
+            carry, initial_carry, _windows.take(inputs, position, remainder),
+            pad_at(position), loss_steps=0, handoff=remainder,
+            chunk=_windows.chunk_size(k1, overlap, remainder))
+
+    if records:
+        record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)
+        metrics = {"loss": record.loss, "skipped": record.skipped, "weight": record.weight}
+        if config.trace:
+            metrics["grads"], metrics["params"] = record.grads, record.params
+    else:
+        dtype = jnp.result_type(*_floats(params)) if _floats(params) else jnp.float32
+        metrics = {"loss": jnp.zeros((0,), dtype), "skipped": jnp.zeros((0,), bool),
+                   "weight": jnp.zeros((0,), dtype)}
+
+    new_state = state._replace(params=params, opt_state=opt_state, carry=carry,
+                               updates=state.updates + full_updates + partial_tail)
+    if overlap:
+        history, history_resets = _windows.take(inputs, length, overlap)
+        new_state = new_state._replace(
+            overlap=history, overlap_resets=history_resets,
+            overlap_steps=jnp.minimum(state.overlap_steps + length, overlap))
+    return new_state, metrics
+
+
+_jitted_step = jax.jit(_step, static_argnames=("config",))
+
+
+def _reduce(loss_fn: LossFn, preds: Any, targets: Any, weights: Array | None,
+            reduction: str) -> tuple[Array, Array]:
+    """`(loss, weight)` of an update's owned terms: their (weighted) sum, or mean."""
+    if weights is None:
+        losses = loss_fn(preds, targets)
+        weight = jnp.asarray(losses.size, losses.dtype)
+        return (jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)), weight
+    # Masked terms add nothing, whatever their targets hold: they are replaced before the
+    # loss sees them, so not even a NaN target can reach the gradient.
+    counted = weights != 0
+    targets = jax.tree.map(
+        lambda leaf: jnp.where(counted.reshape(counted.shape + (1,) * (leaf.ndim - 2)), leaf,
+                               jnp.zeros_like(leaf)), targets)
     losses = loss_fn(preds, targets)
-    loss = jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
-    return loss, handoff_carry
+    weights = weights.astype(losses.dtype)
+    total = jnp.sum(jnp.where(counted, weights * losses, 0))
+    weight = jnp.sum(weights)
+    if reduction == "mean":
+        total = total / jnp.where(weight > 0, weight, 1)
+    return total, weight
 
 
 def _all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def _update(params, opt_state, start_carry, window_xs, window_resets, targets, *, shape,
-            apply_fn, loss_fn, optimizer, reduction, trace):
-    """One TBPTT update: forward over the window, gradient, one optimizer step."""
-    (loss, handoff_carry), grads = jax.value_and_grad(_window_loss, has_aux=True)(
-        params, start_carry, window_xs, window_resets, targets, shape=shape,
-        apply_fn=apply_fn, loss_fn=loss_fn, reduction=reduction)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    # A non-finite loss or gradient never reaches the parameters or the optimizer state.
-    finite = jnp.isfinite(loss) & _all_finite(grads)
-    keep = partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-    params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
-    record = _Record(loss, ~finite, grads if trace else None, params if trace else None)
-    return params, opt_state, handoff_carry, record
+def _floats(tree: Any) -> list[np.dtype]:
+    return [np.dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)
+            if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)]
 
 
-def _window(ext_xs, ext_resets, ys, history, update_start, loss_start, shape):
-    """Slices one update's window inputs and loss targets (starts may be traced)."""
-    length, overlap, _ = shape
-    window_xs = jax.lax.dynamic_slice_in_dim(ext_xs, update_start, length)
-    window_resets = (None if ext_resets is None
-                     else jax.lax.dynamic_slice_in_dim(ext_resets, update_start, length))
-    targets = jax.lax.dynamic_slice_in_dim(ys, loss_start - history, length - overlap)
-    return window_xs, window_resets, targets
+def _describe(tree: Any) -> Any:
+    """Shapes and dtypes of a pytree's leaves, for error messages."""
+    return jax.tree.map(
+        lambda leaf: (f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}"
+                      if hasattr(leaf, "dtype") else type(leaf).__name__), tree)
 
 
-@partial(jax.jit, static_argnames=("schedule", "apply_fn", "loss_fn", "optimizer",
-                                   "reduction", "trace"))
-def _train(params, opt_state, state, history_xs, xs, ys, history_resets, resets, *,
-           schedule: Schedule, apply_fn, loss_fn, optimizer, reduction, trace):
-    ext_xs = jnp.concatenate([history_xs, xs]) if schedule.history else xs
-    ext_resets = None
+def _describe_data(tree: Any) -> str:
+    """An array's shape, or a structure's leaves as `dtype[shape]`."""
+    if isinstance(tree, (jax.Array, np.ndarray)) or hasattr(tree, "aval"):
+        return str(tuple(np.shape(tree)))
+    return str(_describe(tree))
+
+
+def _named_shapes(tree: Any, name: str) -> dict[str, tuple[int, ...]]:
+    """Each leaf's shape under its path: `{"xs": shape}` for one array, `{"xs['obs']": ...}`
+    for a structure."""
+    return {name + jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _sequence(tree: Any, name: str) -> tuple[int, int]:
+    shapes = _named_shapes(tree, name)
+    return check_sequences(shapes, shapes)
+
+
+def _as_arrays(tree: Any) -> Any:
+    """Data as arrays: a pytree of array-likes; a nested list of numbers is one array."""
+    if isinstance(tree, list):
+        array = np.asarray(tree)
+        if array.dtype != object:
+            return jnp.asarray(array)
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def _as_carry(carry: Any) -> Carry:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(carry)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            raise ValueError(f"carry must be arrays in a pytree (or None for the model's zero "
+                             f"carry); got {type(leaf).__name__} at "
+                             f"carry{jax.tree_util.keystr(path)}")
+    return jax.tree.map(jnp.asarray, carry)
+
+
+def _zero_carry(config: _Config, params: Params, batch: int) -> Carry:
+    initial_carry = getattr(config.model, "initial_carry", None)
+    if initial_carry is None:
+        raise ValueError("carry: None means the model's zero carry, but apply_fn is not the "
+                         "apply of a model with initial_carry(batch_size, dtype); pass the "
+                         "carry explicitly")
+    _check_params(config, params)
+    floats = _floats(params)
+    return initial_carry(batch, jnp.result_type(*floats) if floats else None)
+
+
+def _check_params(config: _Config, params: Params) -> None:
+    param_shapes = getattr(config.model, "param_shapes", None)
+    if param_shapes is None:
+        return
+    if not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
+    check_param_shapes(param_shapes(), {name: np.shape(value) for name, value in params.items()})
+
+
+def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Array | None,
+                mask: Array | None) -> tuple[int, int]:
+    """Checks a step's arguments against each other, the model and the loss; runs while
+    tracing, once per compiled program."""
+    sequence = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
     if resets is not None:
-        ext_resets = jnp.concatenate([history_resets, resets]) if schedule.history else resets
-    step = partial(_update, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer,
-                   reduction=reduction, trace=trace)
-
-    records = []
-    for run in schedule.runs():
-        def scanned(loop, starts, shape=run[0].shape):
-            params, opt_state, state = loop
-            window = _window(ext_xs, ext_resets, ys, schedule.history, *starts, shape)
-            params, opt_state, state, record = step(params, opt_state, state, *window,
-                                                    shape=shape)
-            return (params, opt_state, state), record
-
-        starts = (jnp.array([u.window_start for u in run]),
-                  jnp.array([u.loss_start for u in run]))
-        (params, opt_state, state), record = jax.lax.scan(
-            scanned, (params, opt_state, state), starts)
-        records.append(record)
-
-    # tail="drop": the untrained remainder still advances the carry, with the final params.
-    advance_from, advance_to = schedule.carry_after_updates, schedule.final_carry_at
-    if advance_to > advance_from:
-        state, _ = _run_model(
-            apply_fn, params, state, ext_xs[advance_from:advance_to],
-            None if ext_resets is None else ext_resets[advance_from:advance_to])
-
-    if records:
-        record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)
-        metrics = {"loss": record.loss, "skipped": record.skipped}
-        if trace:
-            metrics["grads"], metrics["params"] = record.grads, record.params
-    else:
-        metrics = {"loss": jnp.zeros((0,)), "skipped": jnp.zeros((0,), bool)}
-    overlap = (ext_xs[schedule.final_carry_at:],
-               None if ext_resets is None else ext_resets[schedule.final_carry_at:])
-    return params, opt_state, state, overlap, metrics
+        check_resets(np.shape(resets), np.dtype(resets.dtype).name,
+                     resets.dtype == np.bool_, sequence)
+    if mask is not None and (np.shape(mask) != sequence or not (
+            mask.dtype == np.bool_ or jnp.issubdtype(mask.dtype, jnp.floating))):
+        raise ValueError(f"mask must be bool or float weights of shape [T, B] = {sequence}, "
+                         f"got {np.dtype(mask.dtype).name} of shape {np.shape(mask)}")
+    if config.overlap:
+        expected = jax.tree.map(lambda leaf: (config.overlap, *leaf.shape[1:]), xs)
+        if jax.tree.structure(state.overlap) != jax.tree.structure(xs) or jax.tree.map(
+                np.shape, state.overlap) != expected:
+            raise ValueError(f"state.overlap must hold the last k2 - k1 = {config.overlap} "
+                             f"steps of xs, shaped {expected}, got {_describe(state.overlap)} "
+                             "(was the state made with other k1, k2 or data?)")
+    params, carry, batch = state.params, state.carry, sequence[1]
+    _check_params(config, params)
+    floats = _floats(params)
+    check_float_dtypes({d.name for d in floats}, {d.name for d in _floats(carry)},
+                       {d.name for d in _floats(xs)},
+                       hint=" (make the carry in the params' dtype, e.g. "
+                            "model.initial_carry(B, dtype), or pass carry=None)")
+    initial_carry = getattr(config.model, "initial_carry", None)
+    if initial_carry is not None:
+        expected = jax.eval_shape(partial(initial_carry, batch,
+                                          jnp.result_type(*floats) if floats else None))
+        if jax.tree.structure(expected) != jax.tree.structure(carry) or \
+                _describe(carry) != _describe(expected):
+            check_carry(_describe(expected), _describe(carry), batch)
+    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
+    extra = () if resets is None and state.overlap_resets is None else (
+        jnp.zeros((1, batch), bool),)
+    kwargs = {} if state.key is None else {"key": state.key}
+    try:
+        out_carry, preds = jax.eval_shape(
+            lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs), params, carry,
+            first_step)
+    except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        raise model_fails(_describe(carry), _describe_data(xs), error) from error
+    if jax.tree.structure(out_carry) != jax.tree.structure(carry) or \
+            _describe(out_carry) != _describe(carry):
+        raise ValueError(f"carry must keep its structure and shapes through the model: got "
+                         f"{_describe(carry)}, the model returns {_describe(out_carry)}")
+    try:
+        losses = jax.eval_shape(config.loss_fn, preds,
+                                jax.tree.map(lambda leaf: leaf[:1], ys))
+    except Exception as error:  # a user's loss_fn may fail in any way
+        raise ValueError(f"ys of shape {_describe(ys)} does not fit loss_fn with the model's "
+                         f"predictions of shape {_describe(preds)} for one step: {error}"
+                         ) from error
+    if not hasattr(losses, "shape") or losses.shape != (1, batch):
+        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
+                         f"shape (1, {batch}) for one step, got "
+                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+    return sequence
 
 
 def tbptt_train_step(
     params: Params,
     opt_state: optax.OptState,
     carry: Carry | OverlapCarry | None,
-    xs: Array,
-    ys: Array,
+    xs: Any,
+    ys: Any,
     *,
     apply_fn: ApplyFn,
     loss_fn: LossFn,
@@ -179,6 +467,9 @@ def tbptt_train_step(
     reduction: str = "mean",
     tail: str = "partial",
     resets: Array | None = None,
+    mask: Array | None = None,
+    key: Array | None = None,
+    updates_done: int = 0,
     on_nonfinite: str = "raise",
     trace: bool = False,
 ) -> tuple[Params, optax.OptState, Carry | OverlapCarry, dict[str, Any]]:
@@ -188,155 +479,93 @@ def tbptt_train_step(
       params: the model's parameters (for `tbptt_jax.models`, a flat dict as torch names it).
       opt_state: `optimizer.init(params)` or the state a previous call returned.
       carry: the state before the first step, e.g. `model.initial_carry(B)` (None means
-        that zero carry, for a `tbptt_jax.models` model); or the carry a previous call
-        returned, to continue the same stream (an `OverlapCarry` if k2 > k1).
-      xs: inputs, time-major `[T, B, ...]`.
-      ys: targets, `[T, B, ...]` with the same T and B.
-      apply_fn: `(params, carry, xs[, resets]) -> (carry, preds)` over a time-major chunk.
-      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`.
-      optimizer: any `optax.GradientTransformation`; pass the same object on every call,
-        since a new one is a new static argument and compiles anew.
-      k1: steps between updates, each update owns k1 loss steps.
-      k2: steps each update backpropagates through (k2 >= k1; defaults to k1).
-      reduction: "mean" (divide by the number of loss terms, as Ignite) or "sum" (the hand
-        loop of SPEC §0).
-      tail: "partial" trains a last chunk shorter than k1; "drop" leaves it untrained,
-        though it still advances the carry.
+        that zero carry, in the parameters' dtype, for a model that declares
+        `initial_carry`); or the carry a previous call returned, to continue the same
+        stream (an `OverlapCarry` if k2 > k1).
+      xs: inputs, time-major: an array `[T, B, ...]` (floats or integer token ids), or any
+        pytree of them.
+      ys: targets, `[T, B, ...]` with the same T and B (or a pytree of them).
+      apply_fn, loss_fn, optimizer, k1, k2, reduction, tail, trace: as `trainer` takes
+        them. Pass the same function and optimizer objects on every call: new ones are a
+        new static argument and compile anew.
       resets: optional bool `[T, B]`: where true, that sequence's carry is replaced by the
         model's zero carry before that step, in every window containing it.
+      mask: optional `[T, B]`, bool or float weights of the loss terms (padding: 0).
+        "sum" adds `w * l`, "mean" divides that by the weights' sum; an update whose terms
+        all weigh 0 makes no optimizer step (`metrics["weight"]` is 0 for it).
+      key: a PRNG key for `apply_fn` (dropout); update u of this call runs the model with
+        `key=fold_in(fold_in(key, updates_done + u), offset)`, offset being where the
+        model call starts in the window.
+      updates_done: updates made in the stream before this call (for the keys), so that a
+        stream fed in segments gets the keys of one call over the whole sequence.
       on_nonfinite: "raise" (default) raises `NonFiniteLossError` if any update's loss or
         gradient is not finite, leaving the caller's parameters as they were; "skip" skips
         such updates (parameters and optimizer state unchanged) and marks them in
-        `metrics["skipped"]`.
-      trace: also return each update's gradient and the parameters after it, stacked over
-        updates, as `metrics["grads"]` and `metrics["params"]` (for parity checks).
+        `metrics["skipped"]`. Under a `jax.jit`, `vmap` or `lax.scan` of the caller only
+        "skip" can work (the check needs the call's results).
 
     Returns:
       `(params, opt_state, carry, metrics)`: `metrics["loss"]` has shape `[U]`, one loss
-      per update, and `metrics["skipped"]` (bool `[U]`) marks skipped updates.
+      per update, `metrics["skipped"]` (bool `[U]`) marks skipped updates and
+      `metrics["weight"]` (`[U]`) the owned terms' weight.
     """
-    k1, k2 = check_k(k1, k2)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("tail", tail, TAILS)
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
-    xs, ys = jnp.asarray(xs), jnp.asarray(ys)
-    resets = None if resets is None else jnp.asarray(resets)
-    _check_sequences(xs, ys, resets)
-    state, history_xs, history_resets = _split_carry(carry, xs, k1, k2, apply_fn, params)
-    _check_model_inputs(apply_fn, loss_fn, params, state, xs, ys)
-    schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
-    if resets is not None or history_resets is not None:
-        if resets is None:
-            resets = jnp.zeros(xs.shape[:2], bool)
-        if history_resets is None:
-            history_resets = jnp.zeros(history_xs.shape[:2], bool)
+    configured = trainer(apply_fn, loss_fn, optimizer, k1=k1, k2=k2, reduction=reduction,
+                         tail=tail, trace=trace)
+    config: _Config = configured.step.keywords["config"]
+    xs, ys = _as_arrays(xs), _as_arrays(ys)
+    resets = None if resets is None else _as_arrays(resets)
+    mask = None if mask is None else _as_arrays(mask)
+    length, batch = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
+    state = _state_of(config, params, opt_state, carry, xs, resets, key, updates_done)
+    state, metrics = configured.step(state, xs, ys, resets=resets, mask=mask)
 
-    new_params, new_opt_state, state, (overlap_xs, overlap_resets), metrics = _train(
-        params, opt_state, state, history_xs, xs, ys, history_resets, resets,
-        schedule=schedule, apply_fn=apply_fn, loss_fn=loss_fn, optimizer=optimizer,
-        reduction=reduction, trace=trace)
-
-    if on_nonfinite == "raise" and bool(jnp.any(metrics["skipped"])):
-        first = int(np.argmax(np.asarray(metrics["skipped"])))
-        raise NonFiniteLossError(
-            f"update {first} of this call (counting from 0) has "
-            f"{nonfinite_cause(float(metrics['loss'][first]))}; "
-            "nothing of this call was applied, the params passed in are unchanged. Pass "
-            "on_nonfinite='skip' to skip such updates instead.")
-    if k2 > k1:
-        state = OverlapCarry(state, overlap_xs, overlap_resets)
-    return new_params, new_opt_state, state, metrics
-
-
-def _describe(tree: Any) -> Any:
-    """Shapes and dtypes of a pytree's leaves, for error messages."""
-    return jax.tree.map(lambda leaf: f"{np.dtype(leaf.dtype).name}{list(np.shape(leaf))}", tree)
+    if on_nonfinite == "raise":
+        if isinstance(metrics["skipped"], jax.core.Tracer):
+            raise ValueError("on_nonfinite='raise' needs the call's results, which a jax.jit, "
+                             "vmap or lax.scan around tbptt_train_step hides: pass "
+                             "on_nonfinite='skip' and read metrics['skipped'] (or build the "
+                             "trainer once with tbptt_jax.trainer)")
+        if bool(jnp.any(metrics["skipped"])):
+            first = int(np.argmax(np.asarray(metrics["skipped"])))
+            raise NonFiniteLossError(nonfinite_message(first, float(metrics["loss"][first]),
+                                                       earlier_updates_applied=False))
+    if not config.overlap:
+        return state.params, state.opt_state, state.carry, metrics
+    # The overlap's real steps, as many as the stream has had (static: known from the call).
+    history = carry.xs if isinstance(carry, OverlapCarry) else None
+    steps = min(config.overlap, length + (0 if history is None else
+                                          jax.tree.leaves(history)[0].shape[0]))
+    real = slice(config.overlap - steps, None)
+    return state.params, state.opt_state, OverlapCarry(
+        state.carry, jax.tree.map(lambda leaf: leaf[real], state.overlap),
+        None if state.overlap_resets is None else state.overlap_resets[real]), metrics
 
 
-def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
-    if xs.ndim < 2 or ys.ndim < 2:
-        raise ValueError(f"xs and ys must be time-major [T, B, ...]; got xs of shape {xs.shape} "
-                         f"and ys of shape {ys.shape}")
-    if xs.shape[0] == 0 or xs.shape[1] == 0:
-        raise ValueError(f"xs must hold at least one step of one sequence, got shape {xs.shape}")
-    if xs.shape[:2] != ys.shape[:2]:
-        raise ValueError(f"ys must have the [T, B] of xs, expected {xs.shape[:2]}, "
-                         f"got {ys.shape[:2]}")
-    if resets is not None and (resets.shape != xs.shape[:2] or resets.dtype != np.bool_):
-        raise ValueError(f"resets must be bool of shape [T, B] = {xs.shape[:2]}, got "
-                         f"{resets.dtype} of shape {resets.shape}")
+def _state_of(config: _Config, params: Params, opt_state: optax.OptState, carry: Any, xs: Any,
+              resets: Array | None, key: Array | None, updates_done: Any) -> TBPTTState:
+    """The state `step` continues from, given what `tbptt_train_step` was passed."""
+    history = history_resets = None
+    if isinstance(carry, OverlapCarry):
+        carry, history, history_resets = carry
+        history, history_resets = _as_arrays(history), (
+            None if history_resets is None else _as_arrays(history_resets))
+        check_overlap(jax.tree.leaves(history)[0].shape,
+                      None if history_resets is None else history_resets.shape,
+                      jax.tree.leaves(xs)[0].shape, config.k1, config.k2)
+    state = _init(config, params, xs, carry, resets=resets is not None or (
+        history_resets is not None), key=key, opt_state=opt_state)
+    if config.overlap and history is not None:
+        steps = jax.tree.leaves(history)[0].shape[0]
 
+        def padded(zeros, leaf):
+            """The history behind as many steps of padding as it falls short of k2 - k1."""
+            if steps == config.overlap:
+                return leaf
+            return jnp.concatenate([zeros[:config.overlap - steps], leaf])
 
-def _split_carry(carry: Any, xs: Array, k1: int, k2: int, apply_fn: ApplyFn, params: Params
-                 ) -> tuple[Carry, Array, Array | None]:
-    """(model state, overlap inputs, overlap resets) from what the caller passed."""
-    if carry is None:
-        model = getattr(apply_fn, "__self__", None)
-        if not isinstance(model, RecurrentModel):
-            raise ValueError("carry: None means the model's zero carry, but apply_fn is not the "
-                             "apply of a tbptt_jax.models model; pass the carry explicitly")
-        _check_params(model.param_shapes(), params)
-        carry = model.initial_carry(xs.shape[1], params["rnn.weight_hh_l0"].dtype)
-    if not isinstance(carry, OverlapCarry):
-        return carry, jnp.zeros((0, *xs.shape[1:]), xs.dtype), None
-    history_xs = jnp.asarray(carry.xs)
-    history_resets = None if carry.resets is None else jnp.asarray(carry.resets)
-    check_overlap(history_xs.shape, None if history_resets is None else history_resets.shape,
-                  xs.shape, k1, k2)
-    return carry.state, history_xs, history_resets
-
-
-_checked: set[Any] = set()
-
-
-def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, state: Carry,
-                        xs: Array, ys: Array) -> None:
-    """Checks params, carry, xs and ys against the model and the loss, once per signature.
-
-    A model of `tbptt_jax.models` is asked for its parameter shapes, input size and carry;
-    any `apply_fn` is traced for one step (it must hand back a carry like the one it was
-    given) and `loss_fn` on its predictions and `ys`.
-    """
-    signature = (apply_fn, loss_fn, jax.tree.structure((params, state)),
-                 tuple(_describe(jax.tree.leaves((params, state)))),
-                 xs.shape[1:], xs.dtype, ys.shape[1:], ys.dtype)
-    if signature in _checked:
-        return
-    batch = xs.shape[1]
-    model = getattr(apply_fn, "__self__", None)
-    if isinstance(model, RecurrentModel):
-        _check_params(model.param_shapes(), params)
-        if xs.shape[2:] != (model.input_size,):
-            raise ValueError(f"xs must be [T, B, input_size] = [T, B, {model.input_size}], "
-                             f"got shape {xs.shape}")
-        dtype = params["rnn.weight_hh_l0"].dtype
-        expected = jax.eval_shape(partial(model.initial_carry, batch, dtype))
-        if jax.tree.structure(expected) != jax.tree.structure(state) or \
-                _describe(state) != _describe(expected):
-            raise ValueError(f"carry must match the model and batch size {batch}: expected "
-                             f"{_describe(expected)}, got {_describe(state)}")
-    try:
-        out_state, preds = jax.eval_shape(partial(_run_model, apply_fn), params, state, xs[:1],
-                                          None)
-    except Exception as error:  # the trace of a user's apply_fn may fail in any way
-        raise ValueError(f"apply_fn fails on the carry {_describe(state)} and xs of shape "
-                         f"{xs.shape}: {error}") from error
-    if jax.tree.structure(out_state) != jax.tree.structure(state) or \
-            _describe(out_state) != _describe(state):
-        raise ValueError(f"carry must keep its shapes through apply_fn for batch size {batch}: "
-                         f"got {_describe(state)}, apply_fn returns {_describe(out_state)}")
-    try:
-        losses = jax.eval_shape(loss_fn, preds, ys[:1])
-    except Exception as error:  # a user's loss_fn may fail in any way
-        raise ValueError(f"ys of shape {ys.shape} does not fit loss_fn with the model's "
-                         f"predictions of shape [T, *{preds.shape[1:]}]: {error}") from error
-    if losses.shape != (1, batch):
-        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
-                         f"shape (1, {batch}) for one step, got {losses.shape}")
-    _checked.add(signature)
-
-
-def _check_params(expected: dict[str, tuple[int, ...]], params: Any) -> None:
-    if not isinstance(params, dict):
-        raise ValueError(f"params must be a dict of arrays, got {type(params).__name__}")
-    check_param_shapes(expected, {name: np.shape(value) for name, value in params.items()})
+        state = state._replace(overlap=jax.tree.map(padded, state.overlap, history),
+                               overlap_steps=jnp.int32(steps))
+        if history_resets is not None:
+            state = state._replace(overlap_resets=padded(state.overlap_resets, history_resets))
+    return state._replace(updates=jnp.int32(updates_done))

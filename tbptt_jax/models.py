@@ -75,8 +75,9 @@ class RecurrentModel:
         shapes["head.bias"] = (self.output_size,)
         return shapes
 
-    def init(self, key: Array, dtype: Any = jnp.float32) -> Params:
-        """Fresh parameters drawn as torch draws them: every entry U(-1/sqrt(H), 1/sqrt(H)).
+    def init(self, key: Array, dtype: Any = None) -> Params:
+        """Fresh parameters drawn as torch draws them: every entry U(-1/sqrt(H), 1/sqrt(H)),
+        in `dtype` (default: JAX's default float type, float64 under `jax_enable_x64`).
 
         (torch.nn.RNN/GRU/LSTM use that bound for all their weights and biases; nn.Linear's
         kaiming-uniform(a=sqrt(5)) weight and its bias reduce to 1/sqrt(fan_in) = 1/sqrt(H).)
@@ -84,13 +85,16 @@ class RecurrentModel:
         bound = 1.0 / math.sqrt(self.hidden_size)
         shapes = self.param_shapes()
         keys = jax.random.split(key, len(shapes))
+        dtype = jnp.zeros((), dtype).dtype  # None: the default float type
         return {
             name: jax.random.uniform(k, shape, dtype, minval=-bound, maxval=bound)
             for k, (name, shape) in zip(keys, shapes.items(), strict=True)
         }
 
-    def initial_carry(self, batch_size: int, dtype: Any = jnp.float32) -> Carry:
-        """The zero carry: `h[L, B, H]`, or `(h, c)` for the LSTM."""
+    def initial_carry(self, batch_size: int, dtype: Any = None) -> Carry:
+        """The zero carry: `h[L, B, H]`, or `(h, c)` for the LSTM, in `dtype` (default:
+        JAX's default float type, as `init`'s, so the two agree; the trainer's `carry=None`
+        takes the parameters' dtype)."""
         h = jnp.zeros((self.num_layers, batch_size, self.hidden_size), dtype)
         return (h, h) if self.cell == "lstm" else h
 

@@ -4,7 +4,14 @@ It follows the same plan (`tbptt.plan`) with the same semantics (SPEC §1): each
 clears the gradients, runs the model over its window from the carry at the window start
 (detached), reduces the loss over the steps it owns, backpropagates, takes one optimizer
 step, and hands on the (detached) carry its forward reached at the next window's start.
-The window runs as one fused `nn.RNN/GRU/LSTM` call (two when the hand-off lies inside it).
+The window runs as one call of the model (two when the hand-off lies inside it).
+
+The model is any module with `forward(xs, carry[, resets]) -> (preds, carry)`, the carry
+any nested tuples, lists and dicts of tensors (`tbptt.tree`). What the trainer checks it
+asks the model or learns by running it: a model may declare `initial_carry(batch_size)`,
+which the carry must match (and which `carry=None` means); the first window's forward
+must keep the carry's structure and shapes, and `loss_fn` must return `[t, b]` losses,
+both checked before the first optimizer step.
 
 With k2 > k1 the carry returned is an `OverlapCarry`: the state at the start of the
 overlap and the overlap's inputs, which the next call of the stream recomputes.
@@ -15,42 +22,43 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
+from tbptt import tree
 from tbptt.checks import (
     ON_NONFINITE,
     REDUCTIONS,
     TAILS,
+    check_carry,
     check_choice,
+    check_float_dtypes,
     check_k,
     check_overlap,
-    nonfinite_cause,
+    check_resets,
+    check_sequences,
+    model_fails,
 )
 from tbptt.schedule import Update, plan, run_window
-from tbptt_torch.models import Carry
+from tbptt.stream import NonFiniteLossError, OverlapCarry, nonfinite_message
 
+__all__ = ["NonFiniteLossError", "OverlapCarry", "tbptt_train_step"]
+
+Carry = Any  # tensors in nested tuples, lists and dicts
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OnUpdate = Callable[[int, torch.Tensor, nn.Module], None]
 
-class OverlapCarry(NamedTuple):
-    """What a stream carries from one call to the next when k2 > k1 (see `tbptt_jax`)."""
-
-    state: Carry  # the model's carry before the first overlap step
-    xs: torch.Tensor  # [n, B, ...]: the overlap's inputs, n <= k2 - k1
-    resets: torch.Tensor | None  # [n, B] bool; None when the stream has no resets
-
-
-class NonFiniteLossError(FloatingPointError):
-    """An update's loss or gradient was not finite; that update was not applied."""
-
 
 def _detach(carry: Carry) -> Carry:
-    if isinstance(carry, tuple):
-        return tuple(part.detach() for part in carry)
-    return carry.detach()
+    return tree.map_leaves(torch.Tensor.detach, carry)
+
+
+def _describe(carry: Carry) -> Any:
+    """The carry with each tensor as `dtype[shape]`, for checks and their messages."""
+    return tree.map_leaves(
+        lambda part: f"{str(part.dtype).removeprefix('torch.')}{list(part.shape)}", carry)
 
 
 def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
@@ -60,8 +68,13 @@ def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
 
 
 def _window_loss(model, start_carry, window_xs, window_resets, targets, update: Update,
-                 loss_fn, reduction) -> tuple[torch.Tensor, Carry]:
-    """The loss of one update and the carry it hands on."""
+                 loss_fn, reduction, xs_shape) -> tuple[torch.Tensor, Carry]:
+    """The loss of one update and the carry it hands on.
+
+    The first update of a call checks what it runs: the model on the carry and xs (of
+    shape `xs_shape`) it is given, and the carry it returns; every update checks what
+    `loss_fn` returns. All of it before the update's optimizer step.
+    """
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = _detach(start_carry)
 
@@ -69,8 +82,24 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, update: 
         resets = None if window_resets is None else window_resets[lo:hi]
         return _run_model(model, carry, window_xs[lo:hi], resets)
 
-    handoff_carry, preds = run_window(run, start_carry, update.shape, torch.cat)
+    first = update.index == 0
+    try:
+        handoff_carry, preds = run_window(run, start_carry, update.shape, torch.cat)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        if not first:
+            raise
+        raise model_fails(_describe(start_carry), str(tuple(xs_shape)), error) from error
+    if first and _describe(handoff_carry) != _describe(start_carry):
+        raise ValueError(f"carry must keep its structure and shapes through the model: got "
+                         f"{_describe(start_carry)}, the model returns "
+                         f"{_describe(handoff_carry)}")
     losses = loss_fn(preds, targets)
+    expected = (update.loss_length, window_xs.shape[1])
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != expected:
+        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
+                         f"shape {expected} for this window's {update.loss_length} loss "
+                         f"steps, got {got}")
     loss = losses.mean() if reduction == "mean" else losses.sum()
     return loss, _detach(handoff_carry)
 
@@ -135,6 +164,8 @@ def tbptt_train_step(
     _check_clip_grad_norm(clip_grad_norm)
     _check_sequences(xs, ys, resets)
     state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
+    _check_dtypes(model, state, xs)
+    _check_declared_carry(model, state, xs.shape[1])
     schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
 
     ext_xs = torch.cat([history_xs, xs]) if schedule.history else xs
@@ -154,7 +185,7 @@ def tbptt_train_step(
         targets = ys[update.loss_start - schedule.history:update.loss_stop - schedule.history]
         loss, state = _window_loss(
             model, state, ext_xs[window], None if ext_resets is None else ext_resets[window],
-            targets, update, loss_fn, reduction)
+            targets, update, loss_fn, reduction, xs.shape)
         loss.backward()
         # A non-finite loss or gradient never reaches the parameters or the optimizer state.
         if torch.isfinite(loss) and _gradients_finite(model):
@@ -163,11 +194,8 @@ def tbptt_train_step(
             optimizer.step()
             losses.append(loss.detach())
         elif on_nonfinite == "raise":
-            raise NonFiniteLossError(
-                f"update {update.index} of this call (counting from 0) has "
-                f"{nonfinite_cause(loss.item())}; it "
-                "was not applied (the updates before it were). Pass on_nonfinite='skip' to "
-                "skip such updates instead.")
+            raise NonFiniteLossError(nonfinite_message(update.index, loss.item(),
+                                                       earlier_updates_applied=True))
         else:
             losses.append(torch.full_like(loss, torch.nan).detach())
         if on_update is not None:
@@ -197,30 +225,18 @@ def _check_clip_grad_norm(clip_grad_norm: object) -> None:
                          f"got {clip_grad_norm!r}")
 
 
-def _shapes(carry: Carry) -> Any:
-    """Shapes and dtypes of a carry's tensors, for error messages."""
-    def describe(part: torch.Tensor) -> str:
-        return f"{str(part.dtype).removeprefix('torch.')}{list(part.shape)}"
-    return tuple(map(describe, carry)) if isinstance(carry, tuple) else describe(carry)
-
-
-def _check_sequences(xs: torch.Tensor, ys: torch.Tensor, resets: torch.Tensor | None) -> None:
-    if xs.ndim < 2 or ys.ndim < 2:
-        raise ValueError(f"xs and ys must be time-major [T, B, ...]; got xs of shape "
-                         f"{tuple(xs.shape)} and ys of shape {tuple(ys.shape)}")
-    if xs.shape[0] == 0 or xs.shape[1] == 0:
-        raise ValueError(f"xs must hold at least one step of one sequence, got shape "
-                         f"{tuple(xs.shape)}")
-    if xs.shape[:2] != ys.shape[:2]:
-        raise ValueError(f"ys must have the [T, B] of xs, expected {tuple(xs.shape[:2])}, "
-                         f"got {tuple(ys.shape[:2])}")
-    if resets is not None and not isinstance(resets, torch.Tensor):
-        raise ValueError(f"resets must be a bool torch.Tensor of shape [T, B] = "
-                         f"{tuple(xs.shape[:2])}, got {type(resets).__name__}")
-    if resets is not None and (tuple(resets.shape) != tuple(xs.shape[:2])
-                               or resets.dtype != torch.bool):
-        raise ValueError(f"resets must be bool of shape [T, B] = {tuple(xs.shape[:2])}, got "
-                         f"{resets.dtype} of shape {tuple(resets.shape)}")
+def _check_sequences(xs: Any, ys: Any, resets: Any) -> None:
+    for name, value in (("xs", xs), ("ys", ys)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor [T, B, ...], got "
+                             f"{type(value).__name__}")
+    sequence = check_sequences({"xs": xs.shape}, {"ys": ys.shape})
+    if resets is None:
+        return
+    if not isinstance(resets, torch.Tensor):
+        raise ValueError(f"resets must be a bool torch.Tensor of shape [T, B] = {sequence}, "
+                         f"got {type(resets).__name__}")
+    check_resets(resets.shape, str(resets.dtype), resets.dtype == torch.bool, sequence)
 
 
 def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: int
@@ -231,22 +247,33 @@ def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: in
         carry, history_xs, history_resets = carry
         check_overlap(history_xs.shape,
                       None if history_resets is None else history_resets.shape, xs.shape, k1, k2)
-    # DistributedDataParallel keeps the model's own attributes on its `.module`.
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    rnn = getattr(inner, "rnn", None)
-    if isinstance(rnn, nn.RNNBase) and tuple(xs.shape[2:]) != (rnn.input_size,):
-        raise ValueError(f"xs must be [T, B, input_size] = [T, B, {rnn.input_size}], got shape "
-                         f"{tuple(xs.shape)}")
-    initial_carry = getattr(inner, "initial_carry", None)
-    if initial_carry is None and carry is None:
-        raise ValueError("carry: None means the model's zero carry, but the model has no "
-                         "initial_carry(batch_size) method; pass the carry explicitly")
-    if initial_carry is not None:
-        expected = initial_carry(xs.shape[1])
-        if carry is None:
-            carry = expected
-        elif (isinstance(carry, tuple) != isinstance(expected, tuple)
-              or _shapes(carry) != _shapes(expected)):
-            raise ValueError(f"carry must match the model and batch size {xs.shape[1]}: "
-                             f"expected {_shapes(expected)}, got {_shapes(carry)}")
+    initial_carry = getattr(model, "initial_carry", None)
+    if carry is None:
+        if initial_carry is None:
+            raise ValueError("carry: None means the model's zero carry, but the model has no "
+                             "initial_carry(batch_size) method; pass the carry explicitly")
+        return initial_carry(xs.shape[1]), history_xs, history_resets
+    found = tree.leaves(carry)
+    if not found:
+        raise ValueError(f"carry must hold at least one tensor, got {carry!r}")
+    for path, leaf in found:
+        if not isinstance(leaf, torch.Tensor):
+            raise ValueError(f"carry must be tensors in tuples, lists or dicts (or None for "
+                             f"the model's zero carry); got {type(leaf).__name__} at "
+                             f"carry{path}")
     return carry, history_xs, history_resets
+
+
+def _check_declared_carry(model: nn.Module, carry: Carry, batch_size: int) -> None:
+    initial_carry = getattr(model, "initial_carry", None)
+    if initial_carry is not None:
+        check_carry(_describe(initial_carry(batch_size)), _describe(carry), batch_size)
+
+
+def _check_dtypes(model: nn.Module, carry: Carry, xs: torch.Tensor) -> None:
+    def floating(tensors: Any) -> set[str]:
+        return {str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}
+
+    check_float_dtypes(floating(model.parameters()),
+                       floating(leaf for _, leaf in tree.leaves(carry)), floating([xs]),
+                       hint=" (model.to(dtype) converts the model)")

@@ -32,8 +32,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tbptt.checks import REDUCTIONS, check_choice, check_int
 
 
+class DataParallelModel(DistributedDataParallel):
+    """DDP that still answers the trainer's `initial_carry(batch_size)` for its module,
+    which a bare `DistributedDataParallel` hides (then pass the carry explicitly)."""
+
+    @property
+    def initial_carry(self) -> Any:
+        return self.module.initial_carry
+
+
 def data_parallel(model: nn.Module, *, reduction: str = "mean", **ddp_options: Any
-                  ) -> DistributedDataParallel:
+                  ) -> DataParallelModel:
     """Wraps `model` in DDP so that each update applies the full batch's gradient.
 
     Args:
@@ -52,7 +61,7 @@ def data_parallel(model: nn.Module, *, reduction: str = "mean", **ddp_options: A
     if not dist.is_initialized():
         raise RuntimeError("data_parallel needs torch.distributed.init_process_group() first "
                            "(torchrun sets the environment it reads)")
-    wrapped = DistributedDataParallel(model, **ddp_options)
+    wrapped = DataParallelModel(model, **ddp_options)
     if reduction == "sum":
         wrapped.register_comm_hook(None, _sum_gradients)
     return wrapped

@@ -158,9 +158,14 @@ CASES = [
          carry_message("float64[1, 2, 3]")),
     case("carry-wrong-dtype",
          lambda t: {"carry": t.array(tuple(np.float32(c) for c in lstm_carry(1, BATCH, HIDDEN)))},
-         carry_message("('float32[1, 2, 3]', 'float32[1, 2, 3]')")),
+         "params, carry and xs must share one floating-point dtype; got params float64, "
+         "carry float32, xs float64"),
+    case("xs-wrong-dtype", lambda t: {"xs": t.array(np.float32(XS))},
+         "params, carry and xs must share one floating-point dtype; got params float64, "
+         "carry float64, xs float32"),
     case("xs-wrong-features", lambda t: {"xs": t.array(np.zeros((STEPS, BATCH, 4)))},
-         "xs must be [T, B, input_size] = [T, B, 2], got shape (5, 2, 4)"),
+         "the model fails on the carry ('float64[1, 2, 3]', 'float64[1, 2, 3]') and xs of "
+         "shape (5, 2, 4): "),
     case("reduction", lambda t: {"reduction": "avg"},
          "reduction must be one of ('mean', 'sum'), got 'avg'"),
     case("tail", lambda t: {"tail": "keep"},
@@ -211,9 +216,9 @@ def test_bad_input_raises_a_value_error_before_any_parameter_changes(
 
 
 @pytest.mark.parametrize(("framework", "message"), [
-    ("jax", "ys of shape (5, 2, 3) does not fit loss_fn with the model's predictions of shape "
-            "[T, *(2, 1)]: mse: preds and targets must have one shape, got (1, 2, 1) and "
-            "(1, 2, 3)"),
+    ("jax", "ys of shape float64[5, 2, 3] does not fit loss_fn with the model's predictions "
+            "of shape float64[1, 2, 1] for one step: mse: preds and targets must have one "
+            "shape, got (1, 2, 1) and (1, 2, 3)"),
     ("torch", "mse: preds and targets must have one shape, got (2, 2, 1) and (2, 2, 3)"),
 ])
 def test_targets_of_another_feature_shape_fail_in_the_loss_before_any_update(framework, message):
@@ -321,7 +326,7 @@ def test_jax_none_carry_needs_a_model_that_knows_its_zero_carry():
     trainer = JaxTrainer()
     with pytest.raises(ValueError, match=re.escape(
             "carry: None means the model's zero carry, but apply_fn is not the apply of a "
-            "tbptt_jax.models model; pass the carry explicitly")):
+            "model with initial_carry(batch_size, dtype); pass the carry explicitly")):
         trainer.call(carry=None, apply_fn=lambda params, carry, xs: trainer.model.apply(
             params, carry, xs))
     trainer.assert_unchanged()

@@ -300,11 +300,11 @@ def test_kernel_ab_loads_a_revision_with_its_compiled_kernels():
     if _native.available():  # the revision's kernels, under target names of their own
         assert sys.modules["kernels_baseline"]._native is sys.modules["native_baseline"]
     old, new = baseline.lstm(3, 8, 2), jax_models.lstm(3, 8, 2)
-    params = new.init(jax.random.key(0))
+    params = new.init(jax.random.key(0), jnp.float32)
     xs = jax.random.normal(jax.random.key(1), (5, 4, 3), jnp.float32)
 
     def loss(model, params):
-        return jnp.sum(model.apply(params, model.initial_carry(4), xs)[1] ** 2)
+        return jnp.sum(model.apply(params, model.initial_carry(4, jnp.float32), xs)[1] ** 2)
 
     for got, expected in zip(jax.tree.leaves(jax.value_and_grad(partial(loss, old))(params)),
                              jax.tree.leaves(jax.value_and_grad(partial(loss, new))(params)),

@@ -145,8 +145,8 @@ def assert_no_gathered_activations(dump: Path) -> None:
     the whole batch's product. Contracting over T and B without the reshape
     (`jnp.einsum("tbg,tbh->gh", ...)`) leaves each device its share and one all-reduce.
     """
-    programs = sorted(dump.glob("*jit__train*cpu_after_optimizations.txt"))
-    assert programs, f"XLA wrote no optimized program of _train under {dump}"
+    programs = sorted(dump.glob("*jit__step*cpu_after_optimizations.txt"))
+    assert programs, f"XLA wrote no optimized program of the trainer's step under {dump}"
     for program in programs:
         text = program.read_text()
         gathers = [line.strip()[:160] for line in text.splitlines() if "all-gather(" in line]
@@ -158,7 +158,7 @@ def assert_no_gathered_activations(dump: Path) -> None:
 def test_four_devices_match_one(tmp_path: Path, case: str) -> None:
     dump = tmp_path / "xla"
     (result,) = run_workers(tmp_path, case, devices=4, processes=1, xla_flags=(
-        f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit__train"))
+        f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit__step"))
     assert_no_gathered_activations(dump)
     assert result["devices"] == 4
     assert result["uneven batch"] == (

@@ -26,7 +26,7 @@ import pytest
 from readme_examples import check_output, example
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tbptt", "tbptt_jax", "tbptt_torch", "tbptt_parity")
+PACKAGES = ("tbptt", "tbptt_jax", "tbptt_torch", "tbptt_parity", "tbptt_cli")
 # Package files a wheel must carry besides modules: the kernels' source, typing markers.
 DATA_SUFFIXES = (".py", ".cc", "py.typed")
 # The packages each extra is for (the core works with any).

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from tbptt_jax import OverlapCarry, checkpoint, losses, models, sharding, tbptt_train_step
-from tbptt_jax._trainer import _train
+from tbptt_jax._trainer import _jitted_step
 
 BATCH = 8  # divisible by 4 devices and by 2 processes x 2 devices
 CALL_STEPS = (20, 20, 20, 20)
@@ -90,7 +90,7 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
             apply_fn=model.apply, loss_fn=losses.mse, optimizer=optimizer, k1=config["k1"],
             k2=config["k2"], reduction=config["reduction"])
         step_losses.append(np.asarray(metrics["loss"]))
-        compiles.append(_train._cache_size())
+        compiles.append(_jitted_step._cache_size())
 
     state = getattr(carry, "state", carry)
     result = {

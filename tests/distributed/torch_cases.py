@@ -89,7 +89,10 @@ def train(case: str, world_size: int = 1, *, learning_rate_scale: float = 1.0,
     rows = distributed.rank_rows(BATCH) if world_size > 1 else slice(None)
     xs, ys, resets = (torch.from_numpy(array[:, rows].copy()) for array in data(config["dtype"]))
 
-    carry, step_losses, start = None, [], 0
+    # A bare DDP wrapper hides its module's initial_carry: the carry is passed explicitly.
+    carry = (model.initial_carry(xs.shape[1]) if config.get("plain_ddp") and world_size > 1
+             else None)
+    step_losses, start = [], 0
     for call, steps in enumerate(CALL_STEPS):
         if call == 2 and checkpoint_dir is not None:
             path = Path(checkpoint_dir) / f"rank{torch.distributed.get_rank()}.pt"

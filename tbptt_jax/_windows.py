@@ -1,0 +1,144 @@
+"""One update's window, run in one traced shape wherever it lies in the stream.
+
+Every window of a call has the same length: k2 steps for an update that owns k1 (the
+k2 - k1 overlap steps, then its loss steps), k2 - k1 + r for a last update of r < k1 steps.
+A window near a stream's start would reach before the stream's first step; it is then
+*front-padded*: its first `pad` steps lie outside the stream, and the carry is held at the
+stream's initial carry over them. One traced window thus serves every update, clipped or
+not, in the first call of a stream or a later one, so compile time does not grow with
+(k2 - k1) / k1 and a stream's calls share one program.
+
+Two ways to run a window give the same values and gradients:
+- `_run_fast`: the model over the window in one call (two, split at the hand-off), for a
+  window with no pad, the steady state;
+- `_run_held`: the model over the window in chunks, a `lax.cond` per chunk that holds the
+  initial carry over the pad without running the model there (so nothing it would compute
+  on the pad can reach a gradient). It makes one model call per chunk, so it serves only
+  padded windows: those of a stream's first (k2 - k1) / k1 updates.
+`run_window` picks one per window with a `lax.cond` on the pad.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from tbptt import schedule
+
+Array = jax.Array
+Carry = Any
+# (carry, inputs: a pytree of [t, B, ...], offset of its first step in the window)
+#   -> (carry, preds: a pytree of [t, B, ...])
+ApplyPart = Callable[[Carry, Any, Any], tuple[Carry, Any]]
+
+
+def leading(tree: Any) -> int:
+    """The shared length of a pytree's leaves' first axis."""
+    return jax.tree.leaves(tree)[0].shape[0]
+
+
+def take(tree: Any, start: Any, length: int) -> Any:
+    """Steps `[start, start + length)` of every leaf (`start` may be traced)."""
+    return jax.tree.map(lambda leaf: jax.lax.dynamic_slice_in_dim(leaf, start, length), tree)
+
+
+def concatenate(trees: list[Any]) -> Any:
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *trees)
+
+
+def chunk_size(*lengths: int) -> int:
+    """The chunks of a held window: every pad a stream in segments of k1 can make, the
+    hand-off and the window length fall on their boundaries (pass k1, k2 - k1, the hand-off
+    offset and the window length)."""
+    return math.gcd(*lengths)
+
+
+def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps: int,
+              handoff: int) -> tuple[Carry, Any]:
+    length = leading(inputs)
+
+    def run(carry, lo, hi):
+        return apply_part(carry, take(inputs, lo, hi - lo), lo)
+
+    return schedule.run_window(run, start_carry, (length, length - loss_steps, handoff),
+                               concatenate)
+
+
+def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Array,
+              loss_steps: int, handoff: int, chunk: int) -> tuple[Carry, Any]:
+    length = leading(inputs)
+    chunks = jax.tree.map(lambda leaf: leaf.reshape(length // chunk, chunk, *leaf.shape[1:]),
+                          inputs)
+    step_preds = jax.eval_shape(lambda c, x: apply_part(c, x, 0)[1], initial_carry,
+                                take(inputs, 0, 1))
+
+    def held_steps(carry, part, offset):
+        """A chunk that straddles the pad's end (a stream fed in segments that are not
+        multiples of k1): one step at a time."""
+        def one_step(carry, scanned):
+            index, step = scanned
+            position = offset + index
+            carry, preds = jax.lax.cond(
+                position < pad,
+                lambda: (initial_carry, jax.tree.map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), step_preds)),
+                lambda: apply_part(carry, jax.tree.map(lambda leaf: leaf[None], step),
+                                   position))
+            return carry, jax.tree.map(lambda p: p[0], preds)
+        return jax.lax.scan(one_step, carry, (jnp.arange(chunk), part))
+
+    def one_chunk(carry, scanned):
+        index, part = scanned
+        offset = index * chunk
+        branches = [
+            lambda: (initial_carry, jax.tree.map(
+                lambda s: jnp.zeros((chunk, *s.shape[1:]), s.dtype), step_preds)),
+            lambda: apply_part(carry, part, offset),
+        ]
+        if chunk > 1:
+            branches.append(lambda: held_steps(carry, part, offset))
+        which = jnp.where(offset + chunk <= pad, 0, jnp.where(offset >= pad, 1, 2))
+        carry, preds = jax.lax.switch(which, branches)
+        return carry, (carry, preds)
+
+    _, (carries, preds) = jax.lax.scan(one_chunk, initial_carry,
+                                       (jnp.arange(length // chunk), chunks))
+    handoff_carry = (initial_carry if handoff == 0 else
+                     jax.tree.map(lambda c: c[handoff // chunk - 1], carries))
+    preds = jax.tree.map(lambda p: p.reshape(length, *p.shape[2:])[length - loss_steps:], preds)
+    return handoff_carry, preds
+
+
+def run_window(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
+               pad: Array | None, *, loss_steps: int, handoff: int, chunk: int
+               ) -> tuple[Carry, Any]:
+    """Runs the model over a window of `inputs` (a pytree of `[L, B, ...]`).
+
+    Args:
+      apply_part: runs the model over part of the window.
+      start_carry: the carry at the window's first step (when it has no pad).
+      initial_carry: the stream's carry at its first step, held over the pad.
+      inputs: the window's inputs, the pad's included.
+      pad: how many of its first steps lie before the stream's start (traced); None where
+        no window can have a pad (k1 = k2).
+      loss_steps: the window's last steps whose predictions are returned.
+      handoff: the offset of the carry handed to the next update.
+      chunk: the held run's chunk length (`chunk_size`).
+
+    Returns:
+      `(handoff_carry, preds)`: the carry reached at `handoff` (the initial carry where
+      that lies in the pad) and the predictions of the last `loss_steps` steps.
+    """
+    def fast():
+        return _run_fast(apply_part, start_carry, inputs, loss_steps, handoff)
+
+    if pad is None:
+        return fast()
+    return jax.lax.cond(
+        pad > 0,
+        lambda: _run_held(apply_part, initial_carry, inputs, pad, loss_steps, handoff, chunk),
+        fast)
