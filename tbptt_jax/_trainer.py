@@ -299,6 +299,7 @@ def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, stat
     """
     signature = (apply_fn, loss_fn, jax.tree.structure((params, state)),
                  tuple(_describe(jax.tree.leaves((params, state)))),
+                 tuple(_typed(jax.tree.leaves((state, xs)))),
                  xs.shape[1:], xs.dtype, ys.shape[1:], ys.dtype)
     if signature in _checked:
         return
@@ -319,12 +320,15 @@ def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, stat
         out_state, preds = jax.eval_shape(partial(_run_model, apply_fn), params, state, xs[:1],
                                           None)
     except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        _check_carry_split(state, xs, error)
         raise ValueError(f"apply_fn fails on the carry {_describe(state)} and xs of shape "
                          f"{xs.shape}: {error}") from error
     if jax.tree.structure(out_state) != jax.tree.structure(state) or \
             _describe(out_state) != _describe(state):
         raise ValueError(f"carry must keep its shapes through apply_fn for batch size {batch}: "
                          f"got {_describe(state)}, apply_fn returns {_describe(out_state)}")
+    if _typed(jax.tree.leaves(out_state)) != _typed(jax.tree.leaves(state)):
+        _check_carry_split(state, xs, None)
     try:
         losses = jax.eval_shape(loss_fn, preds, ys[:1])
     except Exception as error:  # a user's loss_fn may fail in any way
@@ -334,6 +338,28 @@ def _check_model_inputs(apply_fn: ApplyFn, loss_fn: LossFn, params: Params, stat
         raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
                          f"shape (1, {batch}) for one step, got {losses.shape}")
     _checked.add(signature)
+
+
+def _typed(leaves: list[Any]) -> list[str]:
+    """The leaves' types with their sharding where a mesh's `Explicit` axes put it there
+    (`float32[1,8@data,16]`)."""
+    return [str(jax.typeof(leaf)) for leaf in leaves]
+
+
+def _check_carry_split(state: Carry, xs: Array, error: Exception | None) -> None:
+    """Raises if xs's batch is split over `Explicit` mesh axes and the carry's is not:
+    there the split is part of the types, and the carry leaving a step split like the
+    batch must have entered it so (`lax.scan` keeps one type), which `shard_state`
+    does."""
+    split = jax.typeof(xs).sharding.spec[1]
+    unsplit = [str(jax.typeof(leaf)) for leaf in jax.tree.leaves(state)
+               if not any(jax.typeof(leaf).sharding.spec)]
+    if split is not None and unsplit:
+        raise ValueError(
+            f"carry must be split over the batch as xs is on a mesh with Explicit axes: xs is "
+            f"{jax.typeof(xs)}, the carry has {unsplit}; place it as the batch, e.g. with "
+            f"jax.device_put(carry, P(None, {split!r})) for a tbptt_jax.models carry, or "
+            "tbptt_jax.sharding.shard_state (carry=None builds an unsplit one)") from error
 
 
 def _check_params(expected: dict[str, tuple[int, ...]], params: Any) -> None:
