@@ -6,15 +6,15 @@ processes x 2 devices joined by `jax.distributed.initialize` over gloo on localh
 feeding its own rows of the batch. The reference is the same stream trained in this
 process on one device with the whole batch (`distributed/jax_cases.py`): LSTM, Adam, 20
 updates, resets in every call, k2 = k1 and k2 > k1. Each sharded run is checkpointed
-after its second call and resumed from the restored state (`tbptt_jax.checkpoint` on one
-process, orbax's sharded save on two), so the match also proves the checkpoint route of
-docs/distributed.md. Each cell also runs on every kind of mesh, `Auto`, `Explicit` and the
-two mixed, the LSTM with its compiled kernels and without, its carry coming back placed as
-it went in. Agreement is to 1e-10 (float64) and 1e-4 (float32) relative to each
-tensor's largest magnitude. float64 is the exact check; in float32 this run's
-`weight_hh_l0` is sensitive to rounding: inputs moved by 1-3 ulp moved it by 0.9-7e-5
-after the 20 updates (k2 > k1, on one device, with the pure-JAX loops and the compiled ones
-alike), and a different summation order of the gradient across devices moves it as much.
+after its second call and resumed from the restored state (`tbptt_jax.checkpoint`, on
+every process), so the match also proves the checkpoint route of docs/distributed.md. Each
+cell also runs on every kind of mesh, `Auto`, `Explicit` and the two mixed, the LSTM with
+its compiled kernels and without, its carry coming back placed as it went in. Agreement is
+to 1e-10 (float64) and 1e-4 (float32) relative to each tensor's largest magnitude. float64
+is the exact check; in float32 this run's `weight_hh_l0` is sensitive to rounding: inputs
+moved by 1-3 ulp moved it by 0.9-7e-5 after the 20 updates (k2 > k1, on one device, with
+the pure-JAX loops and the compiled ones alike), and a different summation order of the
+gradient across devices moves it as much.
 The compiled 4-device programs must all-reduce the gradient and gather no activations
 across devices.
 """
@@ -209,11 +209,18 @@ def test_two_processes_match_one(tmp_path: Path, case: str) -> None:
     results = run_workers(tmp_path, case, devices=2, processes=2)
     for result in results:
         assert result["devices"] == 4
+        assert result["differing state"] == (
+            "state: every process must save the same state, but process 1 differs from "
+            "process 0 in state.params['w']")
         got = result["results"][case]
         assert_data_parallel(got)
         assert_matches(got, reference(case), case)
-    # orbax's sharded checkpoint, both processes' shards: the run went on from it.
-    assert (tmp_path / "checkpoints" / case / "2" / "_CHECKPOINT_METADATA").is_file()
+    assert not (tmp_path / "differing").exists()
+    # tbptt_jax.checkpoint's step, with both processes' shards: the run went on from it.
+    step = tmp_path / "checkpoints" / case / "2"
+    assert (step / "manifest.json").is_file()
+    assert sorted(p.name for p in (step / "arrays").glob("ocdbt.process_*")) == [
+        "ocdbt.process_0", "ocdbt.process_1"]
 
 
 @pytest.mark.parametrize("kernels, cases", [

@@ -138,25 +138,12 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
 
 def save_and_restore(directory: Path, mesh: jax.sharding.Mesh, params: Any, opt_state: Any,
                      carry: Any) -> tuple[Any, Any, Any]:
-    """Checkpoints a sharded run and restores it, placed on the mesh again, as docs/distributed.md
-    shows: with `tbptt_jax.checkpoint` in one process, with orbax's sharded save (every
-    process writes and reads its own shards) in several."""
-    if jax.process_count() == 1:
-        saved = checkpoint.TrainState(params, opt_state, carry, position=2)
-        checkpoint.save(directory, 2, saved)
-        restored = checkpoint.restore(directory, checkpoint.TrainState(params, opt_state))
-        return sharding.shard_state(mesh, restored.params, restored.opt_state, restored.carry)
-
-    import orbax.checkpoint as ocp
-
-    state = {"params": params, "opt_state": opt_state, "carry": carry}
-    path = Path(directory).absolute() / "2"
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, state)
-    like = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # shapes, dtypes, shardings
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, like)
-    return restored["params"], restored["opt_state"], restored["carry"]
+    """Checkpoints a sharded run and restores it, placed on the mesh again, as
+    docs/distributed.md shows: `tbptt_jax.checkpoint` on every process (each writing the
+    shards it holds), the state restored whole and placed with `shard_state`."""
+    checkpoint.save(directory, 2, checkpoint.TrainState(params, opt_state, carry, position=2))
+    restored = checkpoint.restore(directory, checkpoint.TrainState(params, opt_state))
+    return sharding.shard_state(mesh, restored.params, restored.opt_state, restored.carry)
 
 
 def _gather(tree: Any) -> Any:

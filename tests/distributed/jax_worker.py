@@ -9,9 +9,9 @@ a subprocess of the tests. With several processes, each joins the others through
 the batch. Each case runs on its own kind of mesh (`jax_cases.make_mesh`), under
 `jax.set_mesh` where the case says so. Every run is checkpointed after its second call and
 resumed from what is restored (under `OUT/checkpoints/`). Each process writes
-`OUT/process<i>.pkl`: per case, what `jax_cases.train` returns, the error that a batch of 6
-sequences meets, and whether the LSTM ran its compiled kernels (`TBPTT_JAX_NATIVE=0` turns
-them off).
+`OUT/process<i>.pkl`: per case, what `jax_cases.train` returns, the errors that a batch of
+6 sequences and a checkpoint of a state that differs between processes meet, and whether
+the LSTM ran its compiled kernels (`TBPTT_JAX_NATIVE=0` turns them off).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> int:
     import jax_cases
     import numpy as np
 
-    from tbptt_jax import _native, sharding
+    from tbptt_jax import _native, checkpoint, sharding
 
     names = list(jax_cases.CASES) if args.cases is None else args.cases.split(";")
     results = {}
@@ -61,10 +61,17 @@ def main() -> int:
         uneven = None
     except ValueError as error:
         uneven = str(error)
+    try:  # a state that differs between processes is refused, not saved in part
+        checkpoint.save(args.out / "differing", 1, checkpoint.TrainState(
+            {"w": np.full(2, float(args.process_id))}, ()))
+        differing = None
+    except ValueError as error:
+        differing = str(error)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"process{args.process_id}.pkl", "wb") as file:
         pickle.dump({"devices": len(jax.devices()), "results": results,
-                     "uneven batch": uneven, "compiled kernels": _native.available()}, file)
+                     "uneven batch": uneven, "compiled kernels": _native.available(),
+                     "differing state": differing}, file)
     if args.num_processes > 1:
         jax.distributed.shutdown()
     return 0
