@@ -265,6 +265,14 @@ def _check_sequences(xs: Array, ys: Array, resets: Array | None) -> None:
     if resets is not None and (resets.shape != xs.shape[:2] or resets.dtype != np.bool_):
         raise ValueError(f"resets must be bool of shape [T, B] = {xs.shape[:2]}, got "
                          f"{resets.dtype} of shape {resets.shape}")
+    for name, array in (("xs", xs), ("ys", ys), ("resets", resets)):
+        # On Explicit mesh axes the split is in the type: one over time cannot run, since
+        # the steps run in order (JAX's examples split axis 0, here T, not the batch).
+        split = None if array is None else jax.typeof(array).sharding.spec[0]
+        if split is not None:
+            raise ValueError(f"{name} must be split over its batch axis (1), not its time axis "
+                             f"(0): got {jax.typeof(array)}; place it with "
+                             f"P(None, {split!r}), or tbptt_jax.sharding.shard_batch")
 
 
 def _split_carry(carry: Any, xs: Array, k1: int, k2: int, apply_fn: ApplyFn, params: Params

@@ -291,6 +291,21 @@ def test_a_carry_not_split_like_the_batch_on_an_explicit_mesh_is_named() -> None
                                        optimizer=optimizer, k1=3)
 
 
+def test_sequences_split_over_time_on_an_explicit_mesh_are_named() -> None:
+    """JAX's sharding guide splits axis 0, the batch of its examples; here it is time."""
+    mesh = sharding.data_mesh(axis_type=AxisType.Explicit)
+    model, optimizer = models.lstm(3, 5, 2), optax.sgd(0.1)
+    params = model.init(jax.random.key(0), jnp.float64)
+    xs, ys = (jax.device_put(np.zeros((6, 4, size)), jax.NamedSharding(mesh, jax.P("data")))
+              for size in (3, 2))
+    with pytest.raises(ValueError, match=r"xs must be split over its batch axis \(1\), not its "
+                                         r"time axis \(0\): got float64\[6@data,4,3\]; place "
+                                         r"it with P\(None, 'data'\)"):
+        tbptt_jax.tbptt_train_step(params, optimizer.init(params), None, xs, ys,
+                                   apply_fn=model.apply, loss_fn=losses.mse,
+                                   optimizer=optimizer, k1=3)
+
+
 def test_cpu_devices_asked_for_after_the_backends_started_change_nothing() -> None:
     before = jax.devices("cpu")  # starts the backends, if nothing had
     sharding.request_cpu_devices(len(before) + 1)
