@@ -317,9 +317,9 @@ def gradients_shared(cell: str) -> bool:
     return CELLS[cell].finish is _same
 
 
-def _weight_gradient(inputs: Array, d_out: Array, d_out_shared: bool) -> Array:
+def _weight_gradient(weight: Array, inputs: Array, d_out: Array, d_out_shared: bool) -> Array:
     """The gradient of `weight[M, N]` in `inputs[..., N] @ weight^T`: `d_out^T @ inputs`
-    summed over every leading axis.
+    summed over every leading axis, typed as `weight` is.
 
     XLA forms `d_out^T @ inputs` by first transposing the whole `d_out` (the gate gradients
     `[T, B, G*H]`, a softmax's `[T, B, O]`: the window's largest arrays). Where `d_out`
@@ -328,12 +328,18 @@ def _weight_gradient(inputs: Array, d_out: Array, d_out_shared: bool) -> Array:
     as `(inputs^T @ d_out)^T`, which transposes only the result `[N, M]` and at most
     `inputs` (benchmarks/NOTES.md, changes 29-30). The leading axes are contracted as they
     are, not reshaped to rows: with the batch sharded over devices, a reshape would make
-    XLA gather it, while this way each device contracts its own rows."""
+    XLA gather it, while this way each device contracts its own rows.
+
+    On a mesh with `Explicit` axes the batch's sharding is part of the operands' types, and
+    JAX asks what a contraction over a sharded axis should give: the weight's own sharding
+    (a gradient is typed as its primal), which for replicated weights is the all-reduce."""
     leading = tuple(range(inputs.ndim - 1))
     contract_leading = ((leading, leading), ((), ()))
+    sharding = jax.typeof(weight).sharding
     if d_out_shared:
-        return jax.lax.dot_general(d_out, inputs, contract_leading)
-    return jax.lax.dot_general(inputs, d_out, contract_leading).T
+        return jax.lax.dot_general(d_out, inputs, contract_leading, out_sharding=sharding)
+    transposed = sharding.update(spec=jax.sharding.PartitionSpec(*sharding.spec[::-1]))
+    return jax.lax.dot_general(inputs, d_out, contract_leading, out_sharding=transposed).T
 
 
 def project(weight: Array, inputs: Array, d_out_shared: bool) -> Array:
@@ -361,7 +367,7 @@ def _project_forward(weight, inputs):
 
 def _project_backward(residuals, d_out):
     weight, inputs = residuals
-    return _weight_gradient(inputs, d_out, False), d_out @ weight
+    return _weight_gradient(weight, inputs, d_out, False), d_out @ weight
 
 
 _project_unshared.defvjp(_project_forward, _project_backward)
@@ -489,7 +495,7 @@ def _layer(cell: str, native: bool) -> Callable[..., tuple[Any, Array]]:
                                             _as_tuple(dcarry_out, cell), dhs)
         # All T*B rows at once: the weight gradient as one matrix product, formed as the
         # input projection's (`project`) is.
-        dw_hh = _weight_gradient(carry_ins[0], dh_proj, gradients_shared(cell))
+        dw_hh = _weight_gradient(w_hh, carry_ins[0], dh_proj, gradients_shared(cell))
         db_hh = dh_proj.sum(axis=(0, 1))
         db_ih = dx_proj.sum(axis=(0, 1))  # for the LSTM and Elman cells, db_hh: XLA merges them
         return dw_hh, db_hh, db_ih, dx_proj, _from_tuple(dcarry, cell), None

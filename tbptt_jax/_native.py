@@ -5,9 +5,9 @@ in one call (see its header for why that is faster than XLA's per-step kernels, 
 the exact semantics, which are `tbptt_jax._kernels`'). This module compiles it with the
 host's C++ compiler the first time a process asks (`-O3 -march=native`: this machine's own
 vector instructions), keeps the library in a cache keyed by everything that went into it,
-and registers its two functions with XLA for the CPU platform. Each call is wrapped in
-`custom_partitioning`, so a batch sharded over devices stays sharded: every device runs
-its own rows.
+and registers its two functions with XLA for the CPU platform. Each call is wrapped so that a
+batch sharded over devices stays sharded, every device running its own rows
+(`custom_partitioning` on `Auto` mesh axes, `shard_map` on `Explicit` ones).
 
 `available()` says whether the kernels are there, `takes(...)` whether they take a layer's
 operands (float32 or float64). Where they cannot be built (no compiler, a jaxlib without
@@ -152,9 +152,15 @@ def _batch_axis(sharding) -> str | tuple | None:
 
 def _partitioned(kernel, operand_layouts: tuple[str, ...], result_layouts: tuple[str, ...],
                  rule: str):
-    """`kernel` wrapped so that XLA's partitioner splits it along the batch only: the
-    operands and results are laid out as the layouts say (a letter per axis, "b" the
-    batch), every batch axis follows the first operand's, the rest is replicated."""
+    """`kernel` wrapped so that it is split along the batch only: the operands and results
+    are laid out as the layouts say (a letter per axis, "b" the batch), every batch axis
+    follows the first operand's, the rest is replicated.
+
+    Where the batch is split over `Explicit` mesh axes, its sharding is in the operands'
+    types and the results' types must say it too (the pure loops' do, and `lax.cond`
+    between the two wants one type): the kernel runs under `shard_map` over those axes,
+    each device on its own rows. Elsewhere (`Auto` axes, or no mesh) the types say
+    nothing, and XLA's partitioner asks `custom_partitioning` where the batch is."""
     wrapped = custom_partitioning(kernel)
 
     def shardings(mesh, arg_shapes, layouts):
@@ -172,7 +178,29 @@ def _partitioned(kernel, operand_layouts: tuple[str, ...], result_layouts: tuple
 
     wrapped.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
                           need_replication_factors=("t", "g", "h"))
-    return wrapped
+
+    def call(*operands):
+        typed = jax.typeof(operands[0]).sharding
+        batch = typed.spec[1]
+        if batch is None:
+            return wrapped(*operands)
+        axes = (batch,) if isinstance(batch, str) else tuple(batch)
+
+        def specs(layouts):
+            return tuple(PartitionSpec(*(batch if axis == "b" else None for axis in layout))
+                         for layout in layouts)
+
+        def per_device(*local):
+            # shard_map's type check wants a primitive's operands to vary over the same
+            # axes: the weights, the same on every device, are cast to varying.
+            local = [part if "b" in layout else jax.lax.pcast(part, axes, to="varying")
+                     for part, layout in zip(local, operand_layouts, strict=True)]
+            return kernel(*local)
+
+        return jax.shard_map(per_device, mesh=typed.mesh, in_specs=specs(operand_layouts),
+                             out_specs=specs(result_layouts), axis_names=set(axes))(*operands)
+
+    return call
 
 
 def _forward_kernel(x_proj, w_hh, bias, h0, c0, resets):
@@ -202,7 +230,8 @@ _backward = _partitioned(
 
 
 def _resets_or_none(resets: Array | None, x_proj: Array) -> Array:
-    return jnp.zeros(x_proj.shape[:2], bool) if resets is None else resets
+    # zeros_like keeps x_proj's sharding, which an explicit mesh puts in the type.
+    return jnp.zeros_like(x_proj[..., 0], bool) if resets is None else resets
 
 
 def lstm_forward(w_hh: Array, bias: Array, x_proj: Array, h0: Array, c0: Array,

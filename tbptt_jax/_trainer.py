@@ -194,12 +194,12 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
 
     # The extended sequence: the overlap the stream carries, then this call's steps.
     if resets is None and state.overlap_resets is not None:
-        resets = jnp.zeros((length, batch), bool)
+        resets = _no_resets(xs)
     inputs = (xs, resets)
     if overlap:
         history_resets = state.overlap_resets
         if resets is not None and history_resets is None:
-            history_resets = jnp.zeros((overlap, batch), bool)
+            history_resets = _no_resets(state.overlap)
         inputs = _windows.concatenate([(state.overlap, history_resets), inputs])
     # Positions in the extended sequence before `start` precede the stream's first step.
     start = overlap - state.overlap_steps if overlap else None
@@ -318,6 +318,13 @@ def _reduce(loss_fn: LossFn, preds: Any, targets: Any, weights: Array | None,
     return total, weight
 
 
+def _no_resets(xs: Any) -> Array:
+    """False `[T, B]` for the T, B of `xs`, split as its batch is (a mesh's Explicit axes
+    put the split in the type)."""
+    leaf = jax.tree.leaves(xs)[0]
+    return jnp.zeros_like(leaf[(slice(None), slice(None)) + (0,) * (leaf.ndim - 2)], bool)
+
+
 def _all_finite(tree: Any) -> Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
@@ -391,11 +398,49 @@ def _check_params(config: _Config, params: Params) -> None:
     check_param_shapes(param_shapes(), {name: np.shape(value) for name, value in params.items()})
 
 
+def _split_axes(leaf: Any) -> tuple[Any, ...]:
+    """The mesh axes each axis of `leaf` is split over where a mesh's `Explicit` axes put
+    the split in its type (None for an axis that is not split); all None elsewhere."""
+    spec = tuple(jax.typeof(leaf).sharding.spec)
+    return spec + (None,) * (np.ndim(leaf) - len(spec))
+
+
+def _typed(tree: Any) -> list[str]:
+    """The leaves' types with their sharding on `Explicit` axes (`float32[1,8@data,16]`)."""
+    return [str(jax.typeof(leaf)) for leaf in jax.tree.leaves(tree)]
+
+
+def _check_carry_split(carry: Carry, xs: Any, error: Exception | None) -> None:
+    """Raises if xs's batch is split over `Explicit` mesh axes and the carry's is not:
+    there the split is part of the types, and the carry leaving a step split like the
+    batch must have entered it so (`lax.scan` keeps one type), which `shard_state` does."""
+    first = jax.tree.leaves(xs)[0]
+    split = _split_axes(first)[1]
+    unsplit = [str(jax.typeof(leaf)) for leaf in jax.tree.leaves(carry)
+               if not any(_split_axes(leaf))]
+    if split is not None and unsplit:
+        raise ValueError(
+            f"carry must be split over the batch as xs is on a mesh with Explicit axes: xs is "
+            f"{jax.typeof(first)}, the carry has {unsplit}; place it as the batch, e.g. with "
+            f"jax.device_put(carry, P(None, {split!r})) for a tbptt_jax.models carry, or "
+            "tbptt_jax.sharding.shard_state (carry=None builds an unsplit one)") from error
+
+
 def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Array | None,
                 mask: Array | None) -> tuple[int, int]:
     """Checks a step's arguments against each other, the model and the loss; runs while
     tracing, once per compiled program."""
     sequence = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
+    for name, tree in (("xs", xs), ("ys", ys), ("resets", resets)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            # On Explicit mesh axes the split is in the type: one over time cannot run, since
+            # the steps run in order (JAX's examples split axis 0, here T, not the batch).
+            split = _split_axes(leaf)[0]
+            if split is not None:
+                raise ValueError(
+                    f"{name}{jax.tree_util.keystr(path)} must be split over its batch axis "
+                    f"(1), not its time axis (0): got {jax.typeof(leaf)}; place it with "
+                    f"P(None, {split!r}), or tbptt_jax.sharding.shard_batch")
     if resets is not None:
         check_resets(np.shape(resets), np.dtype(resets.dtype).name,
                      resets.dtype == np.bool_, sequence)
@@ -426,18 +471,21 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
             check_carry(_describe(expected), _describe(carry), batch)
     first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
     extra = () if resets is None and state.overlap_resets is None else (
-        jnp.zeros((1, batch), bool),)
+        _no_resets(first_step),)
     kwargs = {} if state.key is None else {"key": state.key}
     try:
         out_carry, preds = jax.eval_shape(
             lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs), params, carry,
             first_step)
     except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        _check_carry_split(carry, xs, error)
         raise model_fails(_describe(carry), _describe_data(xs), error) from error
     if jax.tree.structure(out_carry) != jax.tree.structure(carry) or \
             _describe(out_carry) != _describe(carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
                          f"{_describe(carry)}, the model returns {_describe(out_carry)}")
+    if _typed(out_carry) != _typed(carry):
+        _check_carry_split(carry, xs, None)
     try:
         losses = jax.eval_shape(config.loss_fn, preds,
                                 jax.tree.map(lambda leaf: leaf[:1], ys))

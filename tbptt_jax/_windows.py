@@ -57,6 +57,15 @@ def chunk_size(*lengths: int) -> int:
     return math.gcd(*lengths)
 
 
+def _zeros(shape: tuple[int, ...], dtype: Any, part: Any) -> Array:
+    """Zeros for predictions `[t, B, ...]` the held run does not compute, split over the
+    batch as `part` (the chunk's inputs) is: on a mesh with Explicit axes the split is in
+    the type, which the model's predictions carry too."""
+    leaf = jax.tree.leaves(part)[0]
+    base = jnp.zeros_like(leaf[(slice(None), slice(None)) + (0,) * (leaf.ndim - 2)], dtype)
+    return jnp.broadcast_to(base.reshape(base.shape + (1,) * (len(shape) - 2)), shape)
+
+
 def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps: int,
               handoff: int) -> tuple[Carry, Any]:
     length = leading(inputs)
@@ -85,7 +94,8 @@ def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Arr
             carry, preds = jax.lax.cond(
                 position < pad,
                 lambda: (initial_carry, jax.tree.map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), step_preds)),
+                    lambda s: _zeros(s.shape, s.dtype, jax.tree.map(lambda x: x[None], step)),
+                    step_preds)),
                 lambda: apply_part(carry, jax.tree.map(lambda leaf: leaf[None], step),
                                    position))
             return carry, jax.tree.map(lambda p: p[0], preds)
@@ -96,7 +106,7 @@ def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Arr
         offset = index * chunk
         branches = [
             lambda: (initial_carry, jax.tree.map(
-                lambda s: jnp.zeros((chunk, *s.shape[1:]), s.dtype), step_preds)),
+                lambda s: _zeros((chunk, *s.shape[1:]), s.dtype, part), step_preds)),
             lambda: apply_part(carry, part, offset),
         ]
         if chunk > 1:

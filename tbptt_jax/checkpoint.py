@@ -5,30 +5,36 @@ carry, the position in the stream, RNG keys and JSON metadata) as `<directory>/<
 and `restore(directory, like)` reads the latest step back with the same pytree types,
 dtypes and bits. The carry may be an `OverlapCarry` (k2 > k1), whose overlap buffer travels
 with it, so a stream resumed from a checkpoint continues exactly as if it had never stopped
-(SPEC §1: streaming is exact).
+(SPEC §1: streaming is exact). One process or every process of a `jax.distributed` run
+calls them alike: orbax's `CheckpointManager` keeps the steps (which exist, the latest,
+`max_to_keep`) and, on several processes, has each write the shards its devices hold and
+waits for all at its barriers.
 
 A step holds the arrays, written by orbax (`arrays/`), and `manifest.json`: every leaf's
-path, shape, dtype and SHA-256, the SHA-256 of every file orbax wrote, and a digest of the
-manifest itself. It is written as `<step>.partial/`, synced to disk, and renamed to
-`<step>/` only when complete (as orbax does with its `.orbax-checkpoint-tmp` directories,
-plus the fsyncs orbax leaves out), so a run killed mid-save leaves the earlier steps as
-they were and no half-written step among them. Every file is checked before orbax reads
-it: a truncated or corrupted step raises `CheckpointError` naming the file and what is
-wrong (orbax alone would raise tensorstore's errors, or none for a damaged JSON file), a
-missing one `FileNotFoundError`; neither is ever a silent fresh start. orbax is imported by
-`save` and `restore`, not with `tbptt_jax` (`pip install tbptt[checkpoint]`).
+path, shape, dtype and SHA-256, the SHA-256 of every file in `arrays/`, and a digest of the
+manifest itself. orbax writes the step as `<step>.orbax-checkpoint-tmp/` and renames it to
+`<step>/` once every process has written; just before, the first process writes the
+manifest and syncs every file to disk (which orbax leaves out), so a run killed mid-save
+leaves the earlier steps as they were and no half-written step among them. Every file is
+checked before orbax reads it: a truncated or corrupted step raises `CheckpointError`
+naming the file and what is wrong (orbax alone would raise tensorstore's errors, or none
+for a damaged JSON file), a missing one `FileNotFoundError`; neither is ever a silent
+fresh start. orbax is imported by this module's functions, not with `tbptt_jax`
+(`pip install tbptt[checkpoint]`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
 import numbers
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import jax
@@ -36,12 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tbptt.checks import check_int
-from tbptt_jax._trainer import OverlapCarry
+from tbptt.stream import OverlapCarry
 
 FORMAT = "tbptt_jax.checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-PARTIAL_SUFFIX = ".partial"  # a step being written, or whose save was killed
+ARRAYS = "arrays"  # the step's one orbax item
+UNFINISHED = ".orbax-checkpoint-tmp"  # orbax's mark of a step being written, or killed so
 # The groups of a TrainState that `restore` rebuilds from `like`; the carry describes itself,
 # since its structure changes along a stream (a model carry, then an OverlapCarry).
 _LIKE_GROUPS = ("params", "opt_state", "rng")
@@ -72,13 +79,13 @@ class CheckpointError(Exception):
 def all_steps(directory: str | Path) -> list[int]:
     """The saved steps in `directory`, oldest first; [] if there is none, or no directory.
 
-    A step whose save never finished (`<step>.partial/`) does not count.
+    A step whose save never finished (`<step>.orbax-checkpoint-tmp/`) does not count.
     """
-    directory = Path(directory)
+    directory = Path(directory).absolute()
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.is_dir() and p.name.isascii() and p.name.isdigit())
+    with _manager(directory) as manager:
+        return sorted(manager.all_steps())
 
 
 def latest_step(directory: str | Path) -> int | None:
@@ -99,8 +106,10 @@ def save(directory: str | Path, step: int, state: TrainState, *,
       max_to_keep: once the step is written, delete all but this many newest steps
         (None keeps all).
 
-    When this returns, the step is complete and synced to disk. One process writes to a
-    directory at a time.
+    When this returns, the step is complete and synced to disk. On several processes (a
+    `jax.distributed` run), every process calls `save` with the same arguments: arrays
+    split over processes are written shard by shard, each by a process that holds it,
+    the rest by the first process.
     """
     step = check_int("step", step, minimum=0)
     if max_to_keep is not None:
@@ -116,40 +125,19 @@ def save(directory: str | Path, step: int, state: TrainState, *,
         raise ValueError(f"step must be greater than the latest step saved in {directory}, "
                          f"{latest}; got {step}")
     leaves: list[dict[str, Any]] = []
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     groups = {name: _encode_like_group(name, getattr(state, name), leaves, arrays)
               for name in _LIKE_GROUPS}
     carry = _encode_carry(state.carry, "carry", leaves, arrays)
-    ocp = _orbax()
-
-    final = directory / str(step)
-    partial = directory / f"{step}{PARTIAL_SUFFIX}"
-    directory.mkdir(parents=True, exist_ok=True)
-    if partial.exists():  # left by a save that was killed
-        shutil.rmtree(partial)
-    partial.mkdir()
-    if arrays:  # orbax cannot save an empty tree (nor zero-size arrays: see _encode_leaf)
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-            checkpointer.save(partial / "arrays", args=ocp.args.PyTreeSave(arrays))
-    files = {path.relative_to(partial).as_posix(): _file_sha256(path)
-             for path in sorted(partial.rglob("*")) if path.is_file()}
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "position": position,
-                "metadata": metadata, "groups": groups, "carry": carry, "leaves": leaves,
-                "files": files}
-    manifest["digest"] = _digest(manifest)
-    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    _sync_tree(partial)
-    os.replace(partial, final)
-    _fsync(directory)
-    if max_to_keep is not None:
-        for old in all_steps(directory)[:-max_to_keep]:
-            # Out of the list of steps at once, so a kill mid-delete leaves no torn step.
-            doomed = directory / f"{old}{PARTIAL_SUFFIX}"
-            if doomed.exists():
-                shutil.rmtree(doomed)
-            os.replace(directory / str(old), doomed)
-            shutil.rmtree(doomed)
-    return final
+                "metadata": metadata, "groups": groups, "carry": carry, "leaves": leaves}
+    _check_same_on_every_process(manifest)
+    with _manager(directory, writing=True, max_to_keep=max_to_keep) as manager:
+        manager.save(step, args=_orbax().args.Composite(**{
+            ARRAYS: _orbax().StepSave(arrays, manifest)}), force=True)
+    if jax.process_index() == 0:
+        _fsync(directory)  # the rename into place, on disk
+    return directory / str(step)
 
 
 def restore(directory: str | Path, like: TrainState, *, step: int | None = None
@@ -166,7 +154,10 @@ def restore(directory: str | Path, like: TrainState, *, step: int | None = None
 
     Returns:
       The saved `TrainState`: each leaf of the type it was saved as (jax array, numpy
-      array, typed key, Python number) with its dtype and bits.
+      array, typed key, Python number) with its dtype and bits. On several processes,
+      every process calls `restore` and gets the whole state (an array that was split
+      over processes, whole), its jax arrays on its default device: place them on the
+      mesh again with `tbptt_jax.sharding.shard_state`.
 
     Raises:
       FileNotFoundError: `directory` holds no step, or not `step`.
@@ -193,7 +184,7 @@ def restore(directory: str | Path, like: TrainState, *, step: int | None = None
         _check_like(path, name, manifest["groups"][name], paths_and_leaves, manifest["leaves"])
     for name, expected in manifest["files"].items():
         _check_file(path, name, expected)
-    stored = _read_arrays(path, manifest["leaves"])
+    stored = _read_arrays(directory, step, manifest["leaves"])
     values = [_decode_leaf(path, record, array)
               for record, array in zip(manifest["leaves"], stored, strict=True)]
     restored = {name: jax.tree_util.tree_unflatten(
@@ -205,19 +196,118 @@ def restore(directory: str | Path, like: TrainState, *, step: int | None = None
                       metadata=manifest["metadata"])
 
 
-def _orbax() -> Any:
+@functools.cache
+def _orbax() -> SimpleNamespace:
+    """orbax, and the handler of a step's one item with its arguments (defined here, since
+    orbax is imported when first needed)."""
     try:
         import orbax.checkpoint as ocp
     except ImportError as error:
         raise ImportError("tbptt_jax.checkpoint needs orbax-checkpoint: "
                           "pip install 'tbptt[checkpoint]'") from error
-    return ocp
+
+    class StepHandler(ocp.CheckpointHandler):
+        """A step's arrays, written by orbax's PyTree handler (each process the shards it
+        holds) into the item's directory `arrays/`, and its manifest beside them. orbax
+        calls `finalize` on the first process once every process has written, before it
+        renames the step into place: the manifest is written then, with the SHA-256 of
+        every file, and every file synced to disk."""
+
+        def __init__(self) -> None:
+            self._arrays = ocp.PyTreeCheckpointHandler()
+            self._manifest: dict[str, Any] | None = None
+            self._wrote_arrays = False
+
+        def save(self, directory, args):
+            self._manifest, self._wrote_arrays = args.manifest, bool(args.arrays)
+            if args.arrays:  # orbax cannot save an empty tree
+                self._arrays.save(directory, args=ocp.args.PyTreeSave(args.arrays))
+
+        def finalize(self, directory):
+            if self._wrote_arrays:
+                self._arrays.finalize(directory)
+            _write_manifest(Path(directory), self._manifest)
+
+        def restore(self, directory, args):
+            if not args.restore_args:
+                return {}
+            return self._arrays.restore(directory, args=ocp.args.PyTreeRestore(
+                restore_args=args.restore_args))
+
+        def close(self):
+            self._arrays.close()
+
+    @ocp.args.register_with_handler(StepHandler, for_save=True)
+    @dataclasses.dataclass
+    class StepSave(ocp.args.CheckpointArgs):
+        arrays: dict[str, Any]  # the stored arrays by leaf index, zero-size ones left out
+        manifest: dict[str, Any]  # the manifest but its "files" and digest
+
+    @ocp.args.register_with_handler(StepHandler, for_restore=True)
+    @dataclasses.dataclass
+    class StepRestore(ocp.args.CheckpointArgs):
+        restore_args: dict[str, Any]  # ocp.RestoreArgs by leaf index
+
+    return SimpleNamespace(ocp=ocp, args=ocp.args, StepHandler=StepHandler, StepSave=StepSave,
+                           StepRestore=StepRestore)
+
+
+def _manager(directory: Path, *, writing: bool = False, max_to_keep: int | None = None
+             ) -> Any:
+    """orbax's `CheckpointManager` of `directory`, a step's one item its `StepHandler`.
+
+    Synchronous, so that `save` returns with the step in place. Made for each call (the
+    functions of this module take a directory, not a manager), it lists the steps there.
+    One for `writing` also creates the directory and removes what killed saves left, and
+    waits for the other processes to do the same; one for reading waits for no one, so
+    that one process alone may list the steps.
+    """
+    namespace = _orbax()
+    ocp = namespace.ocp
+    options = ocp.CheckpointManagerOptions(
+        create=writing, cleanup_tmp_directories=writing, lightweight_initialize=True,
+        enable_async_checkpointing=False, save_root_metadata=False,
+        preservation_policy=(None if max_to_keep is None else
+                             ocp.checkpoint_managers.LatestN(max_to_keep)))
+    return ocp.CheckpointManager(directory, options=options, item_names=(ARRAYS,),
+                                 item_handlers={ARRAYS: namespace.StepHandler()})
+
+
+def _write_manifest(item: Path, manifest: dict[str, Any]) -> None:
+    """Writes the manifest beside the item's files, with their SHA-256, and syncs the step."""
+    step = item.parent
+    files = {f"{ARRAYS}/{path.relative_to(item).as_posix()}": _file_sha256(path)
+             for path in sorted(item.rglob("*")) if path.is_file()}
+    manifest = {**manifest, "files": files}
+    manifest["digest"] = _digest(manifest)
+    (step / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _sync_tree(step)
+
+
+def _check_same_on_every_process(manifest: dict[str, Any]) -> None:
+    """On several processes, raises unless all pass the same state: the first one's is
+    written, and the others would be lost without a word."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    rows = [_digest({key: value for key, value in manifest.items() if key != "leaves"}),
+            *(record["sha256"] for record in manifest["leaves"])]
+    digests = np.stack([np.frombuffer(bytes.fromhex(row), np.uint8) for row in rows])
+    every = np.asarray(multihost_utils.process_allgather(digests))  # [processes, rows, 32]
+    for process, theirs in enumerate(every):
+        differ = np.flatnonzero(np.any(theirs != every[0], axis=1))
+        if differ.size:
+            what = ("its position, metadata or structure" if differ[0] == 0 else
+                    f"state.{manifest['leaves'][differ[0] - 1]['path']}")
+            raise ValueError(f"state: every process must save the same state, but process "
+                             f"{process} differs from process 0 in {what}")
 
 
 def _nothing_to_restore(directory: Path) -> str:
     if not directory.exists():
         return f"no checkpoint to restore: {directory} does not exist"
-    unfinished = sorted(p.name for p in directory.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
+    unfinished = sorted(p.name for p in directory.iterdir() if UNFINISHED in p.name)
     message = f"no checkpoint in {directory}"
     if unfinished:
         message += (f"; only saves that never finished: {unfinished} (a run killed mid-save "
@@ -254,20 +344,21 @@ def _check_file(path: Path, name: str, expected: str) -> None:
                               "SHA-256 in the manifest, the checkpoint is truncated or corrupted")
 
 
-def _read_arrays(path: Path, records: list[dict[str, Any]]) -> list[np.ndarray]:
-    """The stored array of every leaf, each checked against its manifest record."""
-    ocp = _orbax()
-    to_read = {str(i): ocp.RestoreArgs(restore_type=np.ndarray)
+def _read_arrays(directory: Path, step: int, records: list[dict[str, Any]]
+                 ) -> list[np.ndarray]:
+    """The stored array of every leaf, whole on every process, each checked against its
+    manifest record."""
+    namespace = _orbax()
+    path = directory / str(step)
+    to_read = {str(i): namespace.ocp.RestoreArgs(restore_type=np.ndarray)
                for i, record in enumerate(records) if math.prod(record["stored_shape"])}
-    read: dict[str, np.ndarray] = {}
-    if to_read:
-        try:
-            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-                read = checkpointer.restore(path / "arrays", args=ocp.args.PyTreeRestore(
-                    restore_args=to_read))
-        except Exception as error:  # its files passed their hashes; orbax may still refuse
-            raise CheckpointError(f"{path / 'arrays'}: orbax cannot read the arrays "
-                                  f"({type(error).__name__}: {error})") from error
+    try:
+        with _manager(directory) as manager:
+            read = manager.restore(step, args=namespace.args.Composite(**{
+                ARRAYS: namespace.StepRestore(to_read)}))[ARRAYS]
+    except Exception as error:  # its files passed their hashes; orbax may still refuse
+        raise CheckpointError(f"{path / ARRAYS}: orbax cannot read the arrays "
+                              f"({type(error).__name__}: {error})") from error
     stored = []
     for i, record in enumerate(records):
         dtype, shape = np.dtype(record["stored_dtype"]), tuple(record["stored_shape"])
@@ -339,15 +430,32 @@ def _dtype_name(leaf: Any) -> str:
     return str(leaf.dtype) if _is_key(leaf) else np.dtype(leaf.dtype).name
 
 
+def _whole(array: jax.Array) -> np.ndarray:
+    """An array's whole value on this process; one split over processes is gathered."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    if array.is_fully_replicated:
+        return np.asarray(array.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def _encode_leaf(path: str, leaf: Any, leaves: list[dict[str, Any]],
-                 arrays: dict[str, np.ndarray]) -> int:
-    """Appends one leaf's record (and its array) and returns its index."""
+                 arrays: dict[str, Any]) -> int:
+    """Appends one leaf's record (and its array) and returns its index.
+
+    An array split over processes goes to orbax as it is, each process writing its shards;
+    any other as a numpy array, written by the first process. The manifest has the SHA-256
+    of the whole value, which every process computes.
+    """
+    split = None  # an array split over processes
     if isinstance(leaf, bool | int | float) and not isinstance(leaf, np.generic):
         kind, stored = "python", np.asarray(leaf)
-    elif _is_key(leaf):
-        kind, stored = "key", np.asarray(jax.random.key_data(leaf))
-    elif isinstance(leaf, jax.Array):
-        kind, stored = "jax", np.asarray(leaf)
+    elif _is_key(leaf) or isinstance(leaf, jax.Array):
+        kind = "key" if _is_key(leaf) else "jax"
+        data = jax.random.key_data(leaf) if kind == "key" else leaf
+        stored, split = _whole(data), None if data.is_fully_addressable else data
     elif isinstance(leaf, np.ndarray):
         kind, stored = "numpy", leaf
     elif isinstance(leaf, np.generic):
@@ -361,7 +469,7 @@ def _encode_leaf(path: str, leaf: Any, leaves: list[dict[str, Any]],
                    "stored_shape": list(stored.shape), "sha256": _sha256(stored),
                    "impl": str(jax.random.key_impl(leaf)) if kind == "key" else None})
     if stored.size:  # orbax refuses zero-size arrays; the manifest alone restores them
-        arrays[str(index)] = stored
+        arrays[str(index)] = stored if split is None else split
     return index
 
 
@@ -372,7 +480,7 @@ def _flatten(group: str, tree: Any) -> tuple[list[tuple[str, Any]], Any]:
 
 
 def _encode_like_group(group: str, tree: Any, leaves: list[dict[str, Any]],
-                       arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+                       arrays: dict[str, Any]) -> dict[str, Any]:
     paths_and_leaves, treedef = _flatten(group, tree)
     indices = [_encode_leaf(path, leaf, leaves, arrays) for path, leaf in paths_and_leaves]
     # The treedef is written for people reading the manifest; `restore` takes `like`'s.
@@ -380,7 +488,7 @@ def _encode_like_group(group: str, tree: Any, leaves: list[dict[str, Any]],
 
 
 def _encode_carry(node: Any, path: str, leaves: list[dict[str, Any]],
-                  arrays: dict[str, np.ndarray]) -> Any:
+                  arrays: dict[str, Any]) -> Any:
     """The carry as JSON: its structure, with `{"leaf": index}` in place of each array."""
     if node is None:
         return None

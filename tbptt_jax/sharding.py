@@ -13,6 +13,12 @@ On several processes (one per host, after `jax.distributed.initialize`), each pr
 holds the rows `process_rows(mesh, B)` of the batch and passes `local=True`: its rows
 become its part of one global array (`jax.make_array_from_process_local_data`).
 
+The mesh's axes may be `Auto` (XLA chooses where intermediates live: `data_mesh()`'s
+default, and `Mesh`'s) or `Explicit` (the split is part of each array's type,
+`float32[T,B@data,I]`, and JAX asks where an ambiguous result goes: `jax.make_mesh`'s
+default), or a mix; the trainer runs on each, with or without `jax.set_mesh`, and the
+placements here are written as it returns them, so its results go back in unchanged.
+
 On one multi-core CPU, `request_cpu_devices` (before JAX's first operation) makes the cores
 devices of their own, so the same placement splits the batch over them.
 """
@@ -25,9 +31,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from tbptt_jax._trainer import OverlapCarry
+from tbptt.stream import OverlapCarry
 
 Array = jax.Array
 
@@ -46,23 +52,49 @@ def request_cpu_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None, *, axis: str = DATA) -> Mesh:
+def data_mesh(devices: Sequence[jax.Device] | None = None, *, axis: str = DATA,
+              axis_type: AxisType = AxisType.Auto) -> Mesh:
     """A one-axis mesh for data parallelism.
 
     Args:
       devices: the devices to split the batch over; default `jax.devices()`, every device
         of every process, in process order (so each process's rows are contiguous).
       axis: the name of the mesh axis the batch is split over.
+      axis_type: `AxisType.Auto` (XLA decides where intermediates live; what `Mesh`
+        builds by default) or `AxisType.Explicit` (the split is part of every array's
+        type, `float32[T,B@data,I]`; what `jax.make_mesh` builds by default). The trainer
+        gives the same results on either.
     """
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("devices must name at least one device, got an empty sequence")
-    return Mesh(np.array(devices), (axis,))
+    if axis_type not in (AxisType.Auto, AxisType.Explicit):
+        raise ValueError(f"axis_type must be AxisType.Auto or AxisType.Explicit, got "
+                         f"{axis_type!r}")
+    return Mesh(np.array(devices), (axis,), axis_types=(axis_type,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     """The sharding of parameters and optimizer state: a full copy on every device."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def _spec(mesh: Mesh, ndim: int, batch_axis: int | None, axis: str) -> PartitionSpec:
+    """The spec of an array of `ndim` dimensions, split over `axis` on `batch_axis` (or
+    replicated), written as `tbptt_train_step` returns it, so that its results passed back
+    in are the same arguments to `jax.jit` (an equal layout written otherwise, `P()` for
+    `P(None, None)`, is another signature). A layout that the type describes (a mesh with
+    `Explicit` axes, and a split, if any, over one of them) names every dimension; one that
+    XLA chose (`Auto` axes) drops the trailing Nones."""
+    entries = [None] * ndim
+    if batch_axis is not None:
+        entries[batch_axis] = axis
+    typed = AxisType.Explicit in mesh.axis_types and (
+        batch_axis is None or mesh.axis_types[mesh.axis_names.index(axis)] == AxisType.Explicit)
+    if not typed:
+        while entries and entries[-1] is None:
+            entries.pop()
+    return PartitionSpec(*entries)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 1, *, axis: str = DATA
@@ -76,7 +108,7 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 1, *, axis: str = DA
     if not 0 <= batch_axis < ndim:
         raise ValueError(f"batch_axis must be in [0, {ndim}) for an array of {ndim} "
                          f"dimensions, got {batch_axis}")
-    return NamedSharding(mesh, PartitionSpec(*([None] * batch_axis), axis))
+    return NamedSharding(mesh, _spec(mesh, ndim, batch_axis, axis))
 
 
 def process_rows(mesh: Mesh, batch_size: int, *, axis: str = DATA) -> slice:
@@ -122,9 +154,11 @@ def shard_state(mesh: Mesh, params: Any, opt_state: Any, carry: Any, *,
         raise ValueError("carry: pass the carry to shard, e.g. model.initial_carry(B); None "
                          "would leave the trainer to build an unsharded one")
     _check_axis(mesh, axis)
-    everywhere = replicated(mesh)
-    params = jax.tree.map(lambda leaf: _place(leaf, everywhere, False), params)
-    opt_state = jax.tree.map(lambda leaf: _place(leaf, everywhere, False), opt_state)
+
+    def everywhere(leaf: Any) -> Array:
+        return _place(leaf, NamedSharding(mesh, _spec(mesh, np.ndim(leaf), None, axis)), False)
+
+    params, opt_state = jax.tree.map(everywhere, params), jax.tree.map(everywhere, opt_state)
     if isinstance(carry, OverlapCarry):
         state = _shard_tree(mesh, carry.state, carry_batch_axis, local, axis, "carry.state")
         xs = _shard_tree(mesh, carry.xs, 1, local, axis, "carry.xs")

@@ -16,6 +16,7 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,10 +136,11 @@ def test_jax_missing_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     assert jax_checkpoint.latest_step(missing) is None
     with pytest.raises(FileNotFoundError, match=f"{re.escape(str(missing))} does not exist"):
         jax_checkpoint.restore(missing, like)
-    (missing / "4.partial").mkdir(parents=True)
+    # What a save killed before orbax renamed it into place leaves.
+    (missing / "4.orbax-checkpoint-tmp-1754").mkdir(parents=True)
     assert jax_checkpoint.latest_step(missing) is None
     with pytest.raises(FileNotFoundError, match=r"only saves that never finished: "
-                                                r"\['4.partial'\]"):
+                                                r"\['4.orbax-checkpoint-tmp-1754'\]"):
         jax_checkpoint.restore(missing, like)
 
 
@@ -212,7 +214,8 @@ def test_jax_save_that_fails_before_the_rename_leaves_the_last_step(tmp_path, mo
         patched.setattr(jax_checkpoint, "_sync_tree", disk_full)
         with pytest.raises(OSError, match="No space left"):
             jax_checkpoint.save(tmp_path, 2, jax_state(None, position=2))
-    assert (tmp_path / "2.partial").is_dir()
+    # orbax's temporary directory, never renamed into place.
+    assert [p.name for p in tmp_path.iterdir() if p.name != "1"] == ["2.orbax-checkpoint-tmp"]
     assert jax_checkpoint.all_steps(tmp_path) == [1]
     assert jax_checkpoint.restore(tmp_path, jax_state(None)).position == 1
     # The next save of that step replaces what the failed one left.
@@ -423,32 +426,82 @@ def worker_env(tmp_path_factory):
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def start_worker(framework: str, workdir: Path, env: dict[str, str],
-                 *options: str) -> subprocess.Popen:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def start_worker(framework: str, workdir: Path, env: dict[str, str], *options: str,
+                 processes: int = 1) -> list[subprocess.Popen]:
+    """Starts a run: one worker process, or `processes` JAX processes of one CPU device each
+    joined on localhost (each logging to `stderr-<i>.txt`)."""
     workdir.mkdir(exist_ok=True)
-    with (workdir / "stderr.txt").open("w") as stderr:
-        return subprocess.Popen([sys.executable, "-W", "error", str(WORKER), framework,
-                                 str(workdir), *options], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+    if processes == 1:
+        commands = {"stderr.txt": []}
+    else:
+        env = {**env, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+        port = str(free_port())
+        commands = {f"stderr-{i}.txt": ["--processes", str(processes), "--process-id", str(i),
+                                        "--port", port] for i in range(processes)}
+    run = []
+    for log, extra in commands.items():
+        with (workdir / log).open("w") as stderr:
+            run.append(subprocess.Popen(
+                [sys.executable, "-W", "error", str(WORKER), framework, str(workdir), *options,
+                 *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr))
+    return run
 
 
-def finish(process: subprocess.Popen, workdir: Path) -> None:
-    assert process.wait(timeout=600) == 0, (workdir / "stderr.txt").read_text()
+def logs(workdir: Path) -> str:
+    return "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}"
+                     for log in sorted(workdir.glob("stderr*.txt")))
 
 
-def kill_when_stalled(process: subprocess.Popen, workdir: Path) -> None:
-    """Waits until the worker has trained a segment it will not save, then SIGKILLs it."""
+def finish(run: list[subprocess.Popen], workdir: Path) -> None:
+    try:
+        for process in run:
+            assert process.wait(timeout=600) == 0, logs(workdir)
+    finally:
+        for process in run:  # the others of a failed run would wait for it forever
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def kill_when_stalled(run: list[subprocess.Popen], workdir: Path) -> None:
+    """Waits until every process of the run has trained a segment it will not save, then
+    SIGKILLs them."""
+    markers = ["stalled"] if len(run) == 1 else [f"stalled-{i}" for i in range(len(run))]
     try:
         deadline = time.monotonic() + 600
-        while not (workdir / "stalled").exists():
-            assert process.poll() is None, (
-                f"the worker exited early: {(workdir / 'stderr.txt').read_text()}")
+        while not all((workdir / marker).exists() for marker in markers):
+            assert all(process.poll() is None for process in run), (
+                f"a worker exited early: {logs(workdir)}")
             assert time.monotonic() < deadline, "the worker never reached its stall"
             time.sleep(0.05)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+        for process in run:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    assert [process.returncode for process in run] == [-signal.SIGKILL] * len(run)
+
+
+def assert_same_final_state(uninterrupted: Path, interrupted: Path) -> None:
+    with np.load(uninterrupted / "final.npz") as expected, \
+            np.load(interrupted / "final.npz") as resumed:
+        assert int(expected["started_at"]) == 0 and int(resumed["started_at"]) == 3
+        assert sorted(resumed.files) == sorted(expected.files)
+        for name in expected.files:
+            if name == "started_at":
+                continue
+            assert resumed[name].dtype == expected[name].dtype, name
+            assert resumed[name].shape == expected[name].shape, name
+            assert resumed[name].tobytes() == expected[name].tobytes(), name
+        # Six segments of one update each, every loss finite: the runs trained.
+        losses = expected["losses"]
+        assert losses.shape == (6,) and np.all(np.isfinite(losses))
+        assert losses[-1] != losses[0]
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -468,21 +521,29 @@ def test_a_run_killed_and_resumed_ends_bitwise_identical_to_an_uninterrupted_one
     assert not (interrupted / "final.npz").exists()
     finish(start_worker(framework, interrupted, worker_env), interrupted)
     finish(reference, uninterrupted)
+    assert_same_final_state(uninterrupted, interrupted)
 
-    with np.load(uninterrupted / "final.npz") as expected, \
-            np.load(interrupted / "final.npz") as resumed:
-        assert int(expected["started_at"]) == 0 and int(resumed["started_at"]) == 3
-        assert sorted(resumed.files) == sorted(expected.files)
-        for name in expected.files:
-            if name == "started_at":
-                continue
-            assert resumed[name].dtype == expected[name].dtype, name
-            assert resumed[name].shape == expected[name].shape, name
-            assert resumed[name].tobytes() == expected[name].tobytes(), name
-        # Six segments of one update each, every loss finite: the runs trained.
-        losses = expected["losses"]
-        assert losses.shape == (6,) and np.all(np.isfinite(losses))
-        assert losses[-1] != losses[0]
+
+def test_two_jax_processes_killed_and_resumed_end_bitwise_identical_to_an_uninterrupted_run(
+        tmp_path, worker_env):
+    """The run of `test_a_run_killed...` on two processes joined by jax.distributed, the
+    batch split over their devices: both save every segment to one directory and restore
+    from it; both are killed after the third save, with a fourth segment trained."""
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    finish(start_worker("jax", uninterrupted, worker_env, processes=2), uninterrupted)
+
+    killed = start_worker("jax", interrupted, worker_env, "--stall-after", "3", processes=2)
+    kill_when_stalled(killed, interrupted)
+    assert sorted(p.name for p in interrupted.glob("saved-*")) == [
+        f"saved-{step}-{process}" for step in (1, 2, 3) for process in (0, 1)]
+    assert jax_checkpoint.all_steps(interrupted / "checkpoints") == [2, 3]
+    # Each process wrote the shards of the carry its device holds.
+    arrays = interrupted / "checkpoints" / "3" / "arrays"
+    assert sorted(p.name for p in arrays.glob("ocdbt.process_*")) == [
+        "ocdbt.process_0", "ocdbt.process_1"]
+    assert not (interrupted / "final.npz").exists()
+    finish(start_worker("jax", interrupted, worker_env, processes=2), interrupted)
+    assert_same_final_state(uninterrupted, interrupted)
 
 
 def test_the_manifest_is_plain_json_a_person_can_read(tmp_path):

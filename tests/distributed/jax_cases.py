@@ -1,13 +1,19 @@
 """The JAX training runs that the distributed tests compare across device counts.
 
-Each case trains an LSTM (a tuple carry, the general case) with Adam for 20 updates: a
-stream of four calls of 5 updates, so the carry (an `OverlapCarry` when k2 > k1) travels
-from one call to the next sharded as the trainer returned it, and the later calls must
-not compile. With k2 > k1 the stream starts as if restored mid-way, from an
-`OverlapCarry` holding its first k2 - k1 steps, so every call has the same shapes. The
-sequences have resets. `train` runs a case on one device (`mesh=None`, the reference) or
-data parallel on a mesh; the worker scripts run it in processes with several devices, the
-tests in the pytest process with one.
+Each case trains a model (an LSTM, a tuple carry, unless the case names another cell) with
+Adam for 20 updates: a stream of four calls of 5 updates, so the carry (an `OverlapCarry`
+when k2 > k1) travels from one call to the next sharded as the trainer returned it, and
+the later calls must not compile. With k2 > k1 the stream starts as if restored mid-way,
+from an `OverlapCarry` holding its first k2 - k1 steps, so every call has the same shapes.
+The sequences have resets. `train` runs a case on one device (`mesh=None`, the reference)
+or data parallel on a mesh; the worker scripts run it in processes with several devices,
+the tests in the pytest process with one.
+
+The mesh is one "data" axis of `Auto` type unless the case names another kind (`MESHES`):
+one `Explicit` axis (the batch's split in every array's type), or a 2 x 2 mesh mixing the
+two, the batch split over its "data" axis and replicated over "model". The cases named
+"<cell> on <mesh>" run in float64 with k2 > k1, each cell on each kind of mesh; all but
+the GRU's run under `jax.set_mesh(mesh)`, as JAX's sharding guide does, the GRU's without.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import AxisType
 
 from tbptt_jax import OverlapCarry, checkpoint, losses, models, sharding, tbptt_train_step
 from tbptt_jax._trainer import _jitted_step
@@ -33,6 +40,21 @@ CASES: dict[str, dict[str, Any]] = {
     "k2=k1,sum,float64": {"k1": 4, "k2": 4, "reduction": "sum", "dtype": "float64"},
     "k2>k1,mean,float64": {"k1": 4, "k2": 7, "reduction": "mean", "dtype": "float64"},
 }
+# The kinds of mesh: the type of the batch's axis, then that of the other axis, if any.
+MESHES = {"auto": (AxisType.Auto,), "explicit": (AxisType.Explicit,),
+          "explicit+auto": (AxisType.Explicit, AxisType.Auto),
+          "auto+explicit": (AxisType.Auto, AxisType.Explicit)}
+CASES.update({f"{cell} on {mesh}": {"k1": 4, "k2": 7, "reduction": "mean", "dtype": "float64",
+                                    "cell": cell, "mesh": mesh, "set_mesh": cell != "gru"}
+              for mesh in MESHES for cell in ("lstm", "gru", "elman")})
+
+
+def make_mesh(case: str) -> jax.sharding.Mesh:
+    """The case's mesh over every device (of every process), the batch on "data"."""
+    types = MESHES[CASES[case].get("mesh", "auto")]
+    if len(types) == 1:
+        return sharding.data_mesh(axis_type=types[0])
+    return jax.make_mesh((2, len(jax.devices()) // 2), (sharding.DATA, "model"), types)
 
 
 def data(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,7 +81,7 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
     """
     config = CASES[case]
     dtype = config["dtype"]
-    model = models.lstm(INPUT, HIDDEN, OUTPUT)
+    model = getattr(models, config.get("cell", "lstm"))(INPUT, HIDDEN, OUTPUT)
     optimizer = optax.adam(1e-2)
     params = model.init(jax.random.key(0), jnp.dtype(dtype))
     opt_state = optimizer.init(params)
@@ -74,8 +96,9 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
     if mesh is not None:
         params, opt_state, carry = sharding.shard_state(mesh, params, opt_state, carry,
                                                         local=local)
+        placed = [leaf.sharding for leaf in jax.tree.leaves(carry)]
 
-    step_losses, compiles = [], []
+    step_losses, compiles, kept = [], [], []
     bounds = np.cumsum((0, *CALL_STEPS))
     for call, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         if call == 2 and checkpoint_dir is not None:
@@ -91,12 +114,14 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
             k2=config["k2"], reduction=config["reduction"])
         step_losses.append(np.asarray(metrics["loss"]))
         compiles.append(_jitted_step._cache_size())
+        if mesh is not None:  # the carry comes back as it went in, to the last None
+            kept.append([leaf.sharding for leaf in jax.tree.leaves(carry)] == placed)
 
     state = getattr(carry, "state", carry)
     result = {
         "loss": np.concatenate(step_losses),
         "params": {name: np.asarray(value) for name, value in params.items()},
-        "carry": [np.asarray(part) for part in _gather(state)],
+        "carry": [np.asarray(part) for part in jax.tree.leaves(_gather(state))],
     }
     if mesh is not None:
         specs = {name: tuple(value.sharding.spec) for name, value in params.items()}
@@ -106,30 +131,19 @@ def train(case: str, mesh: jax.sharding.Mesh | None = None, *, local: bool = Fal
                       for i, leaf in enumerate(jax.tree.leaves(carry))})
         result["specs"] = specs
         result["compiles"] = compiles
+        result["carry kept its sharding"] = kept
+        result["carry types"] = [str(jax.typeof(leaf)) for leaf in jax.tree.leaves(carry)]
     return result
 
 
 def save_and_restore(directory: Path, mesh: jax.sharding.Mesh, params: Any, opt_state: Any,
                      carry: Any) -> tuple[Any, Any, Any]:
-    """Checkpoints a sharded run and restores it, placed on the mesh again, as docs/distributed.md
-    shows: with `tbptt_jax.checkpoint` in one process, with orbax's sharded save (every
-    process writes and reads its own shards) in several."""
-    if jax.process_count() == 1:
-        saved = checkpoint.TrainState(params, opt_state, carry, position=2)
-        checkpoint.save(directory, 2, saved)
-        restored = checkpoint.restore(directory, checkpoint.TrainState(params, opt_state))
-        return sharding.shard_state(mesh, restored.params, restored.opt_state, restored.carry)
-
-    import orbax.checkpoint as ocp
-
-    state = {"params": params, "opt_state": opt_state, "carry": carry}
-    path = Path(directory).absolute() / "2"
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, state)
-    like = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # shapes, dtypes, shardings
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path, like)
-    return restored["params"], restored["opt_state"], restored["carry"]
+    """Checkpoints a sharded run and restores it, placed on the mesh again, as
+    docs/distributed.md shows: `tbptt_jax.checkpoint` on every process (each writing the
+    shards it holds), the state restored whole and placed with `shard_state`."""
+    checkpoint.save(directory, 2, checkpoint.TrainState(params, opt_state, carry, position=2))
+    restored = checkpoint.restore(directory, checkpoint.TrainState(params, opt_state))
+    return sharding.shard_state(mesh, restored.params, restored.opt_state, restored.carry)
 
 
 def _gather(tree: Any) -> Any:
