@@ -1,389 +1,21 @@
-"""Audit a hand-written PyTorch TBPTT loop: is it the TBPTT(k1, k2) you meant?
-
-`audit(loop, k1=4, ...)` runs `loop(model, optimizer, xs, ys, k)` once on an instrumented
-model, plain SGD and float64 data (see `tbptt_torch._audit_trace`), and reads back what the
-loop did: which time steps each update's loss covers and with what weight, how far back each
-loss term's gradient reaches, whether the carry handed from chunk to chunk is detached and
-is the state the previous chunk reached, and the order of `backward()`, `step()` and
-`zero_grad()`. It then runs the reference, `tbptt_torch.tbptt_train_step` over the plan of
-`tbptt.plan`, from the same starting weights and compares the gradients update by update.
-
-The verdict is **correct** when the loop makes the same updates after the same steps as
-the intended TBPTT(k1, k2) with the same gradients (float64, 1e-10 relative), and says which
-reduction and tail policy the loop implements; otherwise it is **wrong**, with each finding
-in plain words and the update and time step where it first shows. Nothing here reads the
-loop's source: a loop the audit has never seen is judged by its behaviour alone.
+"""The analysis behind `tbptt_torch.audit`: it turns a recorded run of the loop (`_trace`) into
+observed updates and findings, and compares each update's gradient with the reference's.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import inspect
 import math
-import textwrap
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
-from tbptt.checks import REDUCTIONS, TAILS, check_choice, check_int, check_k
 from tbptt.schedule import plan
-from tbptt_torch import losses, models
-from tbptt_torch._audit_trace import AuditError, Forward, Recorder, RecordingSGD
-from tbptt_torch._trainer import tbptt_train_step
+from tbptt_torch.audit._report import named_steps, plural, span, step_range
+from tbptt_torch.audit._trace import Forward, Recorder
+from tbptt_torch.audit._verdict import RTOL, AuditVerdict, Finding, ObservedUpdate, Tbptt
 
-__all__ = ["FINDING_KINDS", "AuditError", "AuditVerdict", "Finding", "ObservedUpdate", "Tbptt",
-           "audit"]
-
-Loop = Callable[..., Any]
-CELLS = {"elman": models.ElmanModel, "gru": models.GRUModel, "lstm": models.LSTMModel}
-RTOL = 1e-10  # gradients of the loop against the reference, float64 (SPEC §3)
 _WEIGHT_RTOL = 1e-9  # a loss weight read back from the gradient, against 1, 1/B, 1/(nB), 1/n
-
-FINDING_KINDS = (
-    "loop_raised",             # the loop raised; the finding says why
-    "not_detached",            # the carry crosses a chunk boundary attached to its graph
-    "carry_reset",             # a chunk starts from the zero carry instead of the carry
-    "wrong_handoff",           # a chunk starts from a state other than the one reached
-    "step_before_backward",    # step() comes before the backward() of its loss
-    "zero_grad_before_step",   # zero_grad() clears the gradient before step() uses it
-    "gradients_accumulate",    # zero_grad() missing between updates
-    "loss_not_reset",          # backward() of an update goes into earlier updates' loss
-    "gradient_never_applied",  # a backward() is never followed by step()
-    "wrong_update_steps",      # the updates own other steps than TBPTT(k1) gives them
-    "truncation_too_short",    # a loss term's gradient stops after the window start
-    "truncation_too_long",     # a loss term's gradient reaches before the window start
-    "tail_dropped",            # the last T % k1 steps never trained (partial intended)
-    "tail_trained",            # the last T % k1 steps trained (drop intended)
-    "wrong_reduction",         # summed where a mean was intended, or the reverse
-    "wrong_loss",              # a step's loss is not squared error against its target
-    "no_update",               # step() never applied a gradient
-    "gradient_modified",       # p.grad changed between backward() and step() (clipping?)
-    "gradients_differ",        # everything above as intended, yet the gradients differ
-)
-
-
-@dataclass(frozen=True)
-class Tbptt:
-    """A TBPTT(k1, k2) as SPEC §1 defines it, with the loss's treatment of the batch.
-
-    `reduction` is over the loss steps of an update ("mean": divided by their number);
-    `batch` says whether the per-step loss averages or sums over the batch (the reference
-    trains with `loss_fn = mse / B` for a summed loss with averaged batch, and so on).
-    `tail` is None where T is a multiple of k1, so the tail policy cannot show.
-    """
-
-    k1: int
-    k2: int
-    reduction: str
-    tail: str | None
-    batch: str = "mean"
-
-    def __str__(self) -> str:
-        tail = "either" if self.tail is None else repr(self.tail)
-        return (f"TBPTT(k1={self.k1}, k2={self.k2}, reduction={self.reduction!r}, "
-                f"tail={tail})")
-
-    def loss_scale(self, batch_size: int) -> float:
-        """The factor on `losses.mse` that makes SPEC's reduction give this loss."""
-        if self.reduction == "sum":
-            return 1.0 if self.batch == "sum" else 1.0 / batch_size
-        return float(batch_size) if self.batch == "sum" else 1.0
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing the loop does differently from the intended TBPTT.
-
-    `update` is the 1-based update where it first shows (for a finding about the order of
-    calls, the n-th step() call, counting those that applied nothing), `step` the 0-based
-    time step of `xs` where it shows; either is None where it does not apply.
-    """
-
-    kind: str
-    message: str
-    update: int | None = None
-    step: int | None = None
-
-    def __str__(self) -> str:
-        where = []
-        if self.update is not None:
-            where.append(f"update {self.update}")
-        if self.step is not None:
-            where.append(f"step {self.step}")
-        return f"[{self.kind}] " + (f"({', '.join(where)}) " if where else "") + self.message
-
-
-@dataclass(frozen=True)
-class ObservedUpdate:
-    """One step() call of the loop that applied a gradient, as the audit measured it."""
-
-    index: int  # 1-based among the updates that applied a gradient
-    after_step: int  # the last time step the model had run when step() came
-    loss_steps: tuple[int, ...]  # the time steps whose loss this update's gradient holds
-    window_start: int | None  # the earliest step its gradient reaches (None: no loss)
-    weight: float | None  # the weight of each loss term (None: terms weighted unequally)
-    accumulated: bool  # p.grad still held an earlier update's gradient
-    gradient_difference: float | None = None  # against the reference, relative
-
-
-@dataclass(frozen=True)
-class AuditVerdict:
-    """What `audit` found. `str(verdict)` is the report `tbptt audit` prints."""
-
-    correct: bool
-    implements: Tbptt | None  # the TBPTT the loop implements, when it implements one
-    intended: dict[str, Any]  # k1, k2, reduction, tail as given (None: not given)
-    findings: tuple[Finding, ...]
-    updates: tuple[ObservedUpdate, ...]
-    reference: Tbptt | None  # what the gradients were compared with
-    max_gradient_difference: float | None
-    error: str | None  # what the loop raised, if it raised
-    setup: str
-    planned_updates: int = 0
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(finding.kind for finding in self.findings)
-
-    def __str__(self) -> str:
-        return self.report()
-
-    def report(self) -> str:
-        intended = ", ".join(f"{key}={value!r}" for key, value in self.intended.items()
-                             if value is not None)
-        lines = [f"setup      {self.setup}", f"intended   TBPTT({intended})"]
-        if self.updates:
-            lines += ["", "update  after step  loss steps  window from  term weight  "
-                          "gradient vs reference"]
-            for u in self.updates:
-                steps = _span(u.loss_steps)
-                weight = "unequal" if u.weight is None else f"{u.weight:.6g}"
-                diff = "-" if u.gradient_difference is None else f"{u.gradient_difference:.1e}"
-                start = "-" if u.window_start is None else str(u.window_start)
-                extra = "  (+ earlier gradients)" if u.accumulated else ""
-                lines.append(f"{u.index:>6}  {u.after_step:>10}  {steps:>10}  {start:>11}  "
-                             f"{weight:>11}  {diff:>21}{extra}")
-            lines.append("")
-        if self.reference is not None:
-            lines.append(f"reference  tbptt_train_step with {self.reference}: "
-                         f"{self.planned_updates} updates")
-        if self.implements is not None:
-            lines.append(f"implements {self.implements}, the per-step loss "
-                         f"{'averaged' if self.implements.batch == 'mean' else 'summed'} "
-                         f"over the batch")
-        lines += [textwrap.fill(note, width=100, initial_indent="note       ",
-                                subsequent_indent=" " * 11, break_on_hyphens=False)
-                  for note in self.notes]
-        if self.correct:
-            lines.append(f"verdict    CORRECT: the same {len(self.updates)} updates after the "
-                         f"same steps as the reference, gradients within "
-                         f"{self.max_gradient_difference:.1e} (tolerance {RTOL:.0e})")
-        else:
-            lines.append("verdict    WRONG")
-            lines += [textwrap.fill(str(finding), width=100, initial_indent="  - ",
-                                    subsequent_indent="    ", break_on_hyphens=False)
-                      for finding in self.findings]
-        return "\n".join(lines)
-
-
-def _steps(lo: int, hi: int) -> str:
-    """'step 3' or 'steps 0-3' for the time steps [lo, hi)."""
-    return f"step {lo}" if hi - lo == 1 else f"steps {lo}-{hi - 1}"
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
-def _named(steps: tuple[int, ...]) -> str:
-    """'no step', 'step 3' or 'steps 0-3' for a tuple of time steps."""
-    if not steps:
-        return "no step"
-    return f"step {steps[0]}" if len(steps) == 1 else f"steps {_span(steps)}"
-
-
-def _span(steps: tuple[int, ...]) -> str:
-    if not steps:
-        return "none"
-    if len(steps) == 1:
-        return str(steps[0])
-    if list(steps) == list(range(steps[0], steps[-1] + 1)):
-        return f"{steps[0]}-{steps[-1]}"
-    return ",".join(map(str, steps))
-
-
-@contextlib.contextmanager
-def _float64() -> Iterator[None]:
-    """Loops often make their own carry with `torch.zeros(...)`: let it be float64 too."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def default_length(k1: int, k2: int) -> int:
-    """T for the audit: at least five updates and a full overlap, and T % k1 != 0 (k1 > 1)
-    so the tail policy shows."""
-    if k1 == 1:
-        return max(5, k2 + 2)
-    length = max(5 * k1, k2 + 2 * k1) + max(1, k1 // 2)
-    return length + 1 if length % k1 == 0 else length
-
-
-def audit(
-    loop: Loop,
-    *,
-    k1: int = 4,
-    k2: int | None = None,
-    reduction: str | None = None,
-    tail: str | None = None,
-    cell: str = "lstm",
-    input_size: int = 2,
-    hidden_size: int = 4,
-    num_layers: int = 1,
-    length: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    lr: float = 0.05,
-    model_factory: Callable[[], nn.Module] | None = None,
-) -> AuditVerdict:
-    """Runs `loop` on an instrumented model and judges it against TBPTT(k1, k2).
-
-    Args:
-      loop: `loop(model, optimizer, xs, ys, k)`, or `loop(model, optimizer, xs, ys, k, k2)`
-        when it has a parameter named `k2`. It gets a model with `model(x, carry) ->
-        (preds, carry)` for a chunk `x[t, B, I]` (preds `[t, B, 1]`) or a step `x[B, I]`
-        (preds `[B, 1]`), `carry=None` meaning the zero carry and `model.initial_carry(B)`
-        giving it; an SGD optimizer; `xs[T, B, I]` and `ys[T, B, 1]` in float64 (the
-        default dtype is float64 while it runs); and `k = k1`. Its loss must be squared
-        error (`nn.MSELoss`, `F.mse_loss`, `(out - y) ** 2` summed or averaged).
-      k1, k2: the TBPTT the loop is meant to implement (k2 defaults to k1).
-      reduction, tail: the intended reduction ("mean"/"sum") and tail ("partial"/"drop");
-        None reports what the loop implements without judging it.
-      cell, input_size, hidden_size, num_layers: the `tbptt_torch.models` model handed over.
-      length: T (default: five updates or more, with T % k1 != 0 so the tail shows).
-      batch_size: B (default k2 + 1, which tells every mean and sum apart).
-      seed: seeds the weights and the data.
-      lr: the SGD learning rate of both runs.
-      model_factory: instead of `cell`, a function returning a fresh `nn.Module` with
-        `forward(xs, carry) -> (preds, carry)`, `initial_carry(batch_size)` and output
-        size 1; called twice (the loop's model and the reference's), seeded alike.
-
-    Returns:
-      An `AuditVerdict`; `str(verdict)` is the report.
-
-    Raises:
-      ValueError: for a bad argument, or `AuditError` when the loop calls the model in a
-        way the audit cannot follow (not on slices of xs).
-    """
-    if not callable(loop):
-        raise ValueError(f"loop must be a callable loop(model, optimizer, xs, ys, k), got "
-                         f"{type(loop).__name__}")
-    k1, k2 = check_k(k1, k2)
-    for name, value, choices in (("reduction", reduction, REDUCTIONS), ("tail", tail, TAILS)):
-        if value is not None:
-            check_choice(name, value, choices)
-    check_choice("cell", cell, tuple(CELLS))
-    for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                        ("num_layers", num_layers)):
-        check_int(name, value)
-    length = default_length(k1, k2) if length is None else check_int("length", length)
-    batch_size = k2 + 1 if batch_size is None else check_int("batch_size", batch_size)
-    seed = check_int("seed", seed, minimum=0)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite float, got {lr!r}")
-
-    def factory() -> nn.Module:
-        if model_factory is not None:
-            return model_factory()
-        return CELLS[cell](input_size, hidden_size, 1, num_layers=num_layers)
-
-    with torch.random.fork_rng(devices=[]), _float64():
-        torch.manual_seed(seed)
-        model = factory().double()
-        if not callable(getattr(model, "initial_carry", None)):
-            raise ValueError("model_factory must return a module with initial_carry(batch_size)"
-                             f", got {type(model).__name__} without one")
-        initial = copy.deepcopy(model.state_dict())
-        generator = torch.Generator().manual_seed(seed)
-        features = _input_features(model, input_size)
-        xs = torch.randn(length, batch_size, features, generator=generator)
-        ys = torch.randn(length, batch_size, 1, generator=generator)
-        recorder = Recorder(model, xs, ys, losses.mse)
-        optimizer = RecordingSGD(model.parameters(), lr, recorder)
-        try:
-            takes_k2 = "k2" in inspect.signature(loop).parameters
-        except (TypeError, ValueError):  # a callable without a signature to read
-            takes_k2 = False
-        extra = {"k2": k2} if takes_k2 else {}
-        error = None
-        try:
-            with recorder.watching():
-                loop(model, optimizer, xs.clone(), ys.clone(), k1, **extra)
-        except AuditError:
-            raise
-        except Exception as exc:  # the loop's own failure is part of the verdict
-            error = exc
-        recorder.finish(crashed=error is not None)
-        if not recorder.forwards and error is None:
-            raise AuditError("the loop never called model(x, carry): the audit sees only calls "
-                             "of the model itself (not of model.rnn or model.head)")
-
-        analysis = _Analysis(recorder, length, batch_size, k1, k2, reduction, tail, error)
-        analysis.run()
-
-        def reference(semantics: Tbptt) -> list[dict[str, torch.Tensor]]:
-            return _reference_gradients(factory, initial, xs, ys, semantics, lr)
-
-        return analysis.verdict(reference, _setup(model, cell, model_factory, xs, lr, k1,
-                                                  extra))
-
-
-def _input_features(model: nn.Module, input_size: int) -> int:
-    rnn = getattr(model, "rnn", None)
-    return rnn.input_size if isinstance(rnn, nn.RNNBase) else input_size
-
-
-def _setup(model: nn.Module, cell: str, model_factory: Any, xs: torch.Tensor, lr: float,
-           k1: int, extra: dict[str, int]) -> str:
-    rnn = getattr(model, "rnn", None)
-    if model_factory is None and isinstance(rnn, nn.RNNBase):
-        cell_name = {"elman": "Elman", "gru": "GRU", "lstm": "LSTM"}[cell]
-        name = (f"{cell_name}({rnn.input_size} -> {rnn.hidden_size} x {rnn.num_layers} "
-                f"layer(s) -> 1)")
-    else:
-        name = type(model).__name__
-    given = f"k={k1}" + "".join(f", {key}={value}" for key, value in extra.items())
-    return (f"{name}, float64; xs [{', '.join(map(str, xs.shape))}], ys "
-            f"[{xs.shape[0]}, {xs.shape[1]}, 1]; SGD lr={lr}; the loop got {given}")
-
-
-def _reference_gradients(factory: Callable[[], nn.Module], initial: dict[str, torch.Tensor],
-                         xs: torch.Tensor, ys: torch.Tensor, semantics: Tbptt, lr: float
-                         ) -> list[dict[str, torch.Tensor]]:
-    """The gradient of every update of `tbptt_train_step` from the same weights."""
-    model = factory().double()
-    model.load_state_dict(initial)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    scale = semantics.loss_scale(xs.shape[1])
-    grads: list[dict[str, torch.Tensor]] = []
-
-    def record(_: int, __: torch.Tensor, trained: nn.Module) -> None:
-        grads.append({name: p.grad.detach().clone() for name, p in trained.named_parameters()})
-
-    tbptt_train_step(model, optimizer, None, xs, ys,
-                     loss_fn=lambda p, t: losses.mse(p, t) * scale, k1=semantics.k1,
-                     k2=semantics.k2, reduction=semantics.reduction,
-                     tail=semantics.tail or "partial", on_update=record)
-    return grads
 
 
 def _relative(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
@@ -392,7 +24,7 @@ def _relative(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     return gap / scale if scale > 0 else gap
 
 
-class _Analysis:
+class Analysis:
     """Turns a recorded run into observed updates and findings (see `audit`)."""
 
     def __init__(self, recorder: Recorder, length: int, batch_size: int, k1: int, k2: int,
@@ -462,11 +94,11 @@ class _Analysis:
                     message = (
                         f"the hidden state is not detached at step {forward.lo}: the forward "
                         f"from step {forward.lo} starts from the carry the forward of "
-                        f"{_steps(source.lo, source.hi)} returned, still attached "
+                        f"{step_range(source.lo, source.hi)} returned, still attached "
                         f"to the graph that an earlier backward() already went through, so "
                         f"the gradient of update {update} flows back across the chunk "
                         f"boundary at step {forward.lo}, through every step since step "
-                        f"{reach} ({_plural(forward.lo - reach, 'step')} before its chunk)")
+                        f"{reach} ({plural(forward.lo - reach, 'step')} before its chunk)")
                     if carry.detach_called:
                         message += (". detach() was called on that carry, but its result was "
                                     "not used: detach() returns a new tensor, so assign it "
@@ -572,8 +204,8 @@ class _Analysis:
                           for t in range(self.rec.forwards[f].lo, self.rec.forwards[f].hi)})
         if not covered:
             return "no steps"
-        span = _span(tuple(covered))
-        return f"step {span}" if len(covered) == 1 else f"steps {span}"
+        text = span(tuple(covered))
+        return f"step {text}" if len(covered) == 1 else f"steps {text}"
 
     def _crash_findings(self) -> None:
         error = self.error
@@ -731,9 +363,9 @@ class _Analysis:
                 else:
                     ends = [x.after_step for x in self.updates[:6]]
                     want_ends = [x.loss_stop - 1 for x in planned[:6]]
-                    message = (f"update {u + 1} trains the loss of {_named(obs.loss_steps)}, "
+                    message = (f"update {u + 1} trains the loss of {named_steps(obs.loss_steps)}, "
                                f"applied after step {obs.after_step}; {k} trains "
-                               f"{_named(want_steps)} there")
+                               f"{named_steps(want_steps)} there")
                     if ends != want_ends:
                         message += (f". The loop's updates come after steps "
                                     f"{', '.join(map(str, ends))}, ... instead of "
@@ -750,7 +382,7 @@ class _Analysis:
                              f"the gradient of the loss at step {t} reaches back {word} to "
                              f"step {wrong[t]}".replace("  ", " ") +
                              f", but {k} backpropagates update {u + 1} from step "
-                             f"{want.window_start} ({_plural(t - wrong[t] + 1, 'step')} instead "
+                             f"{want.window_start} ({plural(t - wrong[t] + 1, 'step')} instead "
                              f"of {t - want.window_start + 1})", u + 1, t)
         if "wrong_update_steps" not in self.findings:
             self._count_findings(planned, tail)
@@ -777,7 +409,7 @@ class _Analysis:
             extra = self.updates[len(planned)]
             if tail == "drop" and remainder and len(planned) + 1 == done:
                 self.add("tail_trained",
-                         f"the last {remainder} steps ({_span(extra.loss_steps)}) are trained "
+                         f"the last {remainder} steps ({span(extra.loss_steps)}) are trained "
                          f"by a shorter update {done}, but tail='drop' leaves them untrained",
                          done, extra.loss_steps[0] if extra.loss_steps else None)
             else:
