@@ -1,5 +1,12 @@
 """The analysis behind `tbptt_torch.audit`: it turns a recorded run of the loop (`_trace`) into
 observed updates and findings, and compares each update's gradient with the reference's.
+
+It reads, in order: what the loop called and when (`_calls`: the carry, the order of
+`backward()`, `zero_grad()` and the updates, clipping, where it raised); the loss the loop
+computes and what each update trained (`_terms`); and here, from those, the TBPTT the loop
+implements, every way it differs from the intended one (the update steps, the window, the
+tail, the reduction, the mask, the clipping), the learning rate of its updates, and the
+verdict against the reference's gradients.
 """
 
 from __future__ import annotations
@@ -7,39 +14,65 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from tbptt.schedule import plan
-from tbptt_torch.audit._report import named_steps, plural, span, step_range
-from tbptt_torch.audit._trace import Forward, Recorder
+from tbptt_torch.audit._calls import CallFindings, relative
+from tbptt_torch.audit._losses import WEIGHT_RTOL, Loss
+from tbptt_torch.audit._report import named_steps, plural, span
+from tbptt_torch.audit._terms import LossTerms, Target
+from tbptt_torch.audit._trace import Recorder, UpdateCall
 from tbptt_torch.audit._verdict import RTOL, AuditVerdict, Finding, ObservedUpdate, Tbptt
 
-_WEIGHT_RTOL = 1e-9  # a loss weight read back from the gradient, against 1, 1/B, 1/(nB), 1/n
+Reference = Callable[[Tbptt, Loss, "torch.Tensor | None"], list[dict[str, torch.Tensor]]]
 
 
-def _relative(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
-    scale = max(float(g.abs().max()) for g in expected.values())
-    gap = max(float((actual[name] - g).abs().max()) for name, g in expected.items())
-    return gap / scale if scale > 0 else gap
+@dataclass(frozen=True)
+class Intent:
+    """What the loop is meant to implement; None where the user did not say."""
+
+    k1: int
+    k2: int
+    reduction: str | None
+    tail: str | None
+    clip_grad_norm: float | None
+    mask: torch.Tensor | None  # [T, B] non-negative weights of the loss terms
+    loss: Loss | None
 
 
-class Analysis:
+def _furthest(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str:
+    """The parameter whose gradient is furthest from the expected one."""
+    return max(expected, key=lambda name: float((actual[name] - expected[name]).abs().max()))
+
+
+class Analysis(CallFindings, LossTerms):
     """Turns a recorded run into observed updates and findings (see `audit`)."""
 
-    def __init__(self, recorder: Recorder, length: int, batch_size: int, k1: int, k2: int,
-                 reduction: str | None, tail: str | None, error: Exception | None) -> None:
-        self.rec, self.T, self.B = recorder, length, batch_size
-        self.k1, self.k2, self.reduction, self.tail = k1, k2, reduction, tail
+    def __init__(self, recorder: Recorder, xs: torch.Tensor, ys: torch.Tensor, intent: Intent,
+                 error: Exception | None) -> None:
+        self.rec, self.xs, self.ys = recorder, xs, ys
+        self.T, self.B = xs.shape[0], xs.shape[1]
+        self.intent = intent
+        self.k1, self.k2, self.reduction, self.tail = (intent.k1, intent.k2, intent.reduction,
+                                                       intent.tail)
         self.error = error
         self.findings: dict[str, Finding] = {}
         self.updates: list[ObservedUpdate] = []
-        self.applied = [s for s in recorder.steps if s.applied]
+        self.applied = [u for u in recorder.updates if u.applied]
         self.implements: Tbptt | None = None
         self.notes: list[str] = []
+        self.loss: Loss | None = None
+        self._target = Target("ys")
+        self._term_cache: dict[tuple[str, int, Target], torch.Tensor | None] = {}
         self._reach: dict[int, int] = {}
-        self._weights: list[tuple[int, float | None]] = []  # (loss steps, weight) per update
+        self._weights: list[tuple[int, float | None, int]] = []  # (steps, weight, unmasked)
         self._reaches: list[dict[int, int]] = []  # loss step -> earliest step reached
+        self._terms: list[dict[int, torch.Tensor]] = []  # loss step -> weights [B]
+        self._norms: list[tuple[UpdateCall, float, float]] = []  # (update, norm, factor)
+        self._clip: float | None = None  # the max norm the loop clips to
+        self._factors: list[tuple[float | None, float]] = []  # (factor, mask sum) per update
 
     def add(self, kind: str, message: str, update: int | None = None,
             step: int | None = None) -> None:
@@ -63,249 +96,46 @@ class Analysis:
     def run(self) -> None:
         self._carry_findings()
         self._order_findings()
+        self._gradient_changes()
         if self.error is not None:
             self._crash_findings()
+        self._identify_loss()
         self._observe_updates()
         if self.error is None and self.applied:
             self._schedule_findings()
-
-    # -- the carry from chunk to chunk --------------------------------------------------
-
-    def _first_burst(self) -> dict[int, int]:
-        """forward -> the event of the first backward that reached its predictions."""
-        first: dict[int, int] = {}
-        for burst in self.rec.bursts:
-            for forward in burst.pred_grads:
-                first.setdefault(forward, burst.event)
-        return first
-
-    def _carry_findings(self) -> None:
-        first_backward = self._first_burst()
-        forwards = self.rec.forwards
-        for forward in forwards:
-            carry, update = forward.carry_in, forward.steps_before + 1
-            if carry.kind == "attached" and carry.source is not None:
-                source = forwards[carry.source]
-                # A chunk boundary is a step() between the two forwards; an attached carry
-                # within one update is the window's own recurrence.
-                if (source.steps_before < forward.steps_before
-                        and first_backward.get(source.index, math.inf) < forward.event):
-                    reach = self.reach(forward.index)
-                    message = (
-                        f"the hidden state is not detached at step {forward.lo}: the forward "
-                        f"from step {forward.lo} starts from the carry the forward of "
-                        f"{step_range(source.lo, source.hi)} returned, still attached "
-                        f"to the graph that an earlier backward() already went through, so "
-                        f"the gradient of update {update} flows back across the chunk "
-                        f"boundary at step {forward.lo}, through every step since step "
-                        f"{reach} ({plural(forward.lo - reach, 'step')} before its chunk)")
-                    if carry.detach_called:
-                        message += (". detach() was called on that carry, but its result was "
-                                    "not used: detach() returns a new tensor, so assign it "
-                                    "(h = h.detach(), or h.detach_() in place)")
-                    self.add("not_detached", message, update, forward.lo)
-            elif carry.kind in ("initial", "zero") and forward.lo > 0:
-                self.add("carry_reset",
-                         f"the forward from step {forward.lo} starts from the zero carry "
-                         f"instead of the state the model reached at step {forward.lo}: the "
-                         f"hidden state is reset rather than carried over", update, forward.lo)
-            elif carry.kind == "detached" and carry.source is not None:
-                source = forwards[carry.source]
-                if source.hi != forward.lo:
-                    self.add("wrong_handoff",
-                             f"the forward from step {forward.lo} starts from the state the "
-                             f"model reached after step {source.hi - 1}, not the state at step "
-                             f"{forward.lo}", update, forward.lo)
-            elif carry.kind == "other":
-                self.add("wrong_handoff",
-                         f"the forward from step {forward.lo} starts from a carry the model "
-                         f"never returned (not the state reached at step {forward.lo}, "
-                         f"detached, nor the zero carry)", update, forward.lo)
-
-    # -- backward(), step(), zero_grad() --------------------------------------------------
-
-    def _order_findings(self) -> None:
-        steps, bursts = self.rec.steps, self.rec.bursts
-        applied_before: set[int] = set()
-        for n, step in enumerate(steps):
-            next_event = steps[n + 1].event if n + 1 < len(steps) else math.inf
-            own_forwards = set(step.forwards_since_step)
-            late = [b for b in bursts if step.event < b.event < next_event
-                    and own_forwards & set(b.pred_grads)]
-            position = max(step.progress - 1, 0)
-            if late:
-                applies = "no gradient" if not step.applied else "an older gradient"
-                later = next((m + 1 for m in range(n + 1, len(steps))
-                              if set(steps[m].pending) & {b.index for b in late}), None)
-                fate = ("never applied" if later is None
-                        else f"applied by step() #{later}, after the model has moved on")
-                self.add("step_before_backward",
-                         f"step() #{n + 1} comes after the forward of "
-                         f"{self._steps_of(own_forwards)} but before the backward() of their "
-                         f"loss: it applies {applies}, and the gradient of that loss is {fate}",
-                         n + 1, position)
-            elif not step.since_step:
-                what = ("comes before any backward()" if n == 0
-                        else "follows no backward() since the previous step()")
-                self.add("step_before_backward",
-                         f"step() #{n + 1} {what}, so it applies "
-                         f"{'no gradient' if not step.applied else 'a gradient already applied'}"
-                         f"; each later step() applies the gradient of the chunk before it",
-                         n + 1, position)
-            elif not step.applied:
-                self.add("zero_grad_before_step",
-                         f"zero_grad() is called between backward() and step(): the gradient "
-                         f"of the loss of {self._steps_of(own_forwards)} is cleared "
-                         f"before step() #{n + 1} could apply it, so that step() changes "
-                         f"nothing", n + 1, position)
-            produced = bursts[step.pending[-1]].grads_after if step.pending else None
-            if produced is not None and _relative(step.grads, produced) > RTOL:
-                self.add("gradient_modified",
-                         f"step() #{n + 1} applies a gradient other than the one backward() "
-                         f"produced: it was changed in between, by "
-                         f"{_relative(step.grads, produced):.2g} relative (gradient clipping or "
-                         f"scaling?). The reference is plain TBPTT; audit the loop without it",
-                         n + 1, position)
-            if step.applied and set(step.pending) & applied_before:
-                self.add("gradients_accumulate",
-                         f"the gradient applied by step() #{n + 1} still holds the gradient an "
-                         f"earlier step() already applied: zero_grad() is not called between "
-                         f"that step() and this update's backward(), so gradients accumulate "
-                         f"across updates", n + 1, position)
-            applied_before |= set(step.pending)
-        last_step = steps[-1].event if steps else -1
-        unapplied = [b for b in bursts if b.event > last_step and not b.crashed]
-        if unapplied and self.error is None and "step_before_backward" not in self.findings:
-            covered = {f for b in unapplied for f in b.pred_grads}
-            trained = [self.rec.forwards[f].hi for s in steps if s.applied
-                       for b in s.pending for f in self.rec.bursts[b].pred_grads]
-            if covered and min(self.rec.forwards[f].lo for f in covered) >= max(trained,
-                                                                               default=0):
-                # Only steps after the last update: the tail the loop does not train, which
-                # the tail policy accounts for; the backward() there is wasted work only.
-                self.notes.append(f"the backward() of {self._steps_of(covered)} is computed "
-                                  f"but never applied (no step() follows it)")
-            else:
-                self.add("gradient_never_applied",
-                         f"the gradient of the last backward() (the loss of "
-                         f"{self._steps_of(covered)}) is never applied: no step() follows it",
-                         len(steps) + 1, max(self.rec.forwards[f].hi for f in covered) - 1
-                         if covered else None)
-        if self.error is None and not self.applied:
-            if not steps:
-                self.add("no_update", "the loop never called optimizer.step()")
-            elif not self.findings:
-                self.add("no_update", "no step() applied any gradient: the weights never change")
-            else:
-                self.notes.append("no step() applied any gradient: the weights never change")
-
-    def _steps_of(self, forwards: set[int]) -> str:
-        covered = sorted({t for f in forwards
-                          for t in range(self.rec.forwards[f].lo, self.rec.forwards[f].hi)})
-        if not covered:
-            return "no steps"
-        text = span(tuple(covered))
-        return f"step {text}" if len(covered) == 1 else f"steps {text}"
-
-    def _crash_findings(self) -> None:
-        error = self.error
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        # PyTorch's autograd errors run on with advice; their first clause names the failure.
-        message = text.split(". ")[0].split(" (")[0].split(": [")[0]
-        update = len(self.rec.steps) + 1
-        progress = max((f.hi for f in self.rec.forwards), default=0)
-        backward_error = ("backward through the graph a second time" in message
-                          or "modified by an inplace operation" in message)
-        why = ""
-        if backward_error:
-            if "not_detached" in self.findings:
-                why = ("; backward() went back into a graph an earlier backward() had freed or "
-                       "whose weights step() had changed, because the hidden state is not "
-                       "detached")
-            elif ("step_before_backward" in self.findings
-                  and "modified by an inplace operation" in message):
-                why = ("; step() changed the weights that the graph of the loss still needed, "
-                       "because step() comes before backward()")
-            else:
-                self.add("loss_not_reset",
-                         f"backward() of update {update} went back into the graph of an "
-                         f"earlier update although the hidden state was detached at every "
-                         f"chunk boundary: the loss still holds the terms of earlier updates, "
-                         f"so the running loss is not reset after backward()", update,
-                         max(progress - 1, 0))
-                why = "; the loss still holds an earlier update's terms (not reset)"
-        self.findings = {"loop_raised": Finding(
-            "loop_raised", f"the loop raised {type(error).__name__}: {message}{why}", update,
-            max(progress - 1, 0)), **self.findings}
-
-    # -- what each update trained ---------------------------------------------------------
-
-    def _observe_updates(self) -> None:
-        forwards = self.rec.forwards
-        applied_before: set[int] = set()
-        for index, step in enumerate(self.applied, start=1):
-            own = [b for b in step.pending if b not in applied_before]
-            applied_before |= set(step.pending)
-            accumulated = len(own) < len(step.pending)
-            weights: list[torch.Tensor] = []
-            reaches: dict[int, int] = {}
-            for b in own:
-                for f, grad in self.rec.bursts[b].pred_grads.items():
-                    self._terms(forwards[f], grad, index, weights, reaches)
-            weight = None
-            if weights:
-                every = torch.cat([w.flatten() for w in weights])
-                if bool(torch.allclose(every, every[0], rtol=_WEIGHT_RTOL, atol=0)):
-                    weight = float(every[0])
-                else:
-                    self.add("wrong_loss",
-                             f"the loss terms of update {index} weigh unequally (from "
-                             f"{float(every.min()):.3g} to {float(every.max()):.3g} per term, "
-                             f"read from the gradient on the predictions): its loss is not a "
-                             f"mean or sum of the squared errors against ys at the same steps "
-                             f"(a shifted target, another loss, or weights per step?)",
-                             index, step.progress - 1)
-            loss_steps = tuple(sorted(reaches))
-            self._weights.append((len(loss_steps), weight))
-            self._reaches.append(reaches)
-            self.updates.append(ObservedUpdate(
-                index, step.progress - 1, loss_steps,
-                min(reaches.values()) if reaches else None, weight, accumulated))
-
-    def _terms(self, forward: Forward, grad: torch.Tensor, update: int,
-               weights: list[torch.Tensor], reaches: dict[int, int]) -> None:
-        """Reads the weight of each loss term of `forward` from the gradient on its preds."""
-        term = forward.term_grad
-        for row in range(forward.hi - forward.lo):
-            g, g0 = grad[row], term[row]
-            if not bool(g.ne(0).any()):
-                continue
-            t = forward.lo + row
-            w = (g * g0).sum(-1) / (g0 * g0).sum(-1)  # [B]
-            residual = float((g - w[:, None] * g0).abs().max())
-            if residual > 1e-8 * float(g.abs().max()):
-                self.add("wrong_loss",
-                         f"the gradient reaching the prediction of step {t} is not that of the "
-                         f"squared error against ys[{t}]: the loss of step {t} uses another "
-                         f"target or another loss", update, t)
-            weights.append(w)
-            reaches[t] = min(reaches.get(t, t), self.reach(forward.index))
+            self._clip_findings()
+        self._rate_notes()
 
     # -- against the plan of TBPTT(k1, k2) ------------------------------------------------
 
+    def _expected_weight(self, reduction: str, batch: str, steps: int, unmasked: int) -> float:
+        if reduction == "mean" and batch == "mean":
+            return 1.0 / unmasked  # SPEC's mean: over the terms the mask keeps
+        per_batch = 1.0 if batch == "sum" else 1.0 / self.B
+        return per_batch / steps if reduction == "mean" else per_batch
+
     def _batch_and_reduction(self) -> list[tuple[str, str]]:
         """(reduction, batch) pairs whose weights match every update's."""
+        if self.intent.mask is not None:  # SPEC's: sum(w * l), or sum(w * l) / sum(w)
+            factors = [(f, total) for f, total in self._factors if total]
+            return [(r, r) for r, want in (("sum", lambda total: 1.0),
+                                           ("mean", lambda total: 1.0 / total))
+                    if factors and all(f is not None and math.isclose(f, want(total),
+                                                                      rel_tol=WEIGHT_RTOL)
+                                       for f, total in factors)]
         fits = []
         for reduction in ("sum", "mean"):
             for batch in ("sum", "mean"):
-                def expected(n: int, reduction=reduction, batch=batch) -> float:
-                    per_batch = 1.0 if batch == "sum" else 1.0 / self.B
-                    return per_batch / n if reduction == "mean" else per_batch
                 if self._weights and all(
-                        w is not None and math.isclose(w, expected(n), rel_tol=_WEIGHT_RTOL)
-                        for n, w in self._weights if n):
+                        w is not None and math.isclose(
+                            w, self._expected_weight(reduction, batch, n, m),
+                            rel_tol=WEIGHT_RTOL)
+                        for n, w, m in self._weights if n and m):
                     fits.append((reduction, batch))
         return fits
+
+    def _masked(self) -> bool:
+        return any(u.masked_terms for u in self.updates)
 
     def _observed_tbptt(self) -> Tbptt | None:
         updates = self.updates
@@ -339,9 +169,10 @@ class Analysis:
             return None
         # With one loss step per update mean and sum coincide: the intended one is named.
         reduction, batch = ([fit for fit in fits if fit[0] == self.reduction] or fits)[0]
-        return Tbptt(k1, k1 + overlap, reduction, tail, batch)
+        return Tbptt(k1, k1 + overlap, reduction, tail, batch, self._clip, self._masked())
 
     def _schedule_findings(self) -> None:
+        self._mask_factors()
         self.implements = self._observed_tbptt()
         observed_tail = self.implements.tail if self.implements else None
         counted = "drop" if len(self.updates) == self.T // self.k1 else "partial"
@@ -363,9 +194,9 @@ class Analysis:
                 else:
                     ends = [x.after_step for x in self.updates[:6]]
                     want_ends = [x.loss_stop - 1 for x in planned[:6]]
-                    message = (f"update {u + 1} trains the loss of {named_steps(obs.loss_steps)}, "
-                               f"applied after step {obs.after_step}; {k} trains "
-                               f"{named_steps(want_steps)} there")
+                    message = (f"update {u + 1} trains the loss of "
+                               f"{named_steps(obs.loss_steps)}, applied after step "
+                               f"{obs.after_step}; {k} trains {named_steps(want_steps)} there")
                     if ends != want_ends:
                         message += (f". The loop's updates come after steps "
                                     f"{', '.join(map(str, ends))}, ... instead of "
@@ -417,30 +248,84 @@ class Analysis:
                          f"the loop makes {done} updates where TBPTT(k1={self.k1}) makes "
                          f"{len(planned)}", len(planned) + 1, extra.after_step)
 
+    def _mask_factors(self) -> None:
+        """With a mask given, each update's term weights must be one factor times the mask
+        over its loss steps: the factor says the reduction (1: a sum; 1 / the mask's sum
+        over those steps: SPEC's mean); a term weighted otherwise is a finding."""
+        mask = self.intent.mask
+        if mask is None:
+            return
+        for u, (obs, terms) in enumerate(zip(self.updates, self._terms, strict=True), start=1):
+            if not obs.loss_steps:
+                self._factors.append((None, 0.0))
+                continue
+            got = torch.stack([terms[t] for t in obs.loss_steps])
+            given = mask[list(obs.loss_steps)].to(got.dtype)
+            square = float((given * given).sum())
+            factor = float((got * given).sum()) / square if square else 0.0
+            self._factors.append((factor, float(given.sum())))
+            misfit = (got - factor * given).abs()
+            if float(misfit.max()) > 1e-8 * float(got.abs().max()):
+                row, b = divmod(int(misfit.argmax()), self.B)
+                t = obs.loss_steps[row]
+                self.add("wrong_mask",
+                         f"the loss terms of update {u} are not weighted as the mask given: "
+                         f"the term of step {t}, sequence {b} weighs {float(got[row, b]):.3g} "
+                         f"where the mask, times {factor:.3g} as the other terms, gives it "
+                         f"{factor * float(given[row, b]):.3g}", u, t)
+
     def _reduction_findings(self) -> None:
         if self.reduction is None or not self._weights:
             return
-        if all(n <= 1 for n, _ in self._weights):
+        if all(n <= 1 for n, _, _ in self._weights) and self.intent.mask is None:
             return  # one loss step per update: mean and sum are the same
         fits = self._batch_and_reduction()
         if not fits or any(fit[0] == self.reduction for fit in fits):
-            if not fits:
-                u = next(i for i, (n, w) in enumerate(self._weights, 1) if n)
-                self.add("wrong_reduction",
-                         f"the loss weights of update {u} fit neither a mean nor a sum over "
-                         f"its {self._weights[u - 1][0]} steps (each term weighs "
-                         f"{self._weights[u - 1][1]})", u)
+            if not fits and self.intent.mask is not None:
+                if "wrong_mask" not in self.findings:
+                    u = next(i for i, (f, _) in enumerate(self._factors, 1) if f is not None)
+                    factor, total = self._factors[u - 1]
+                    self.add("wrong_reduction",
+                             f"the loss of update {u} is the mask-weighted sum of its terms "
+                             f"times {factor:.6g}, neither the sum (times 1) nor SPEC's mean "
+                             f"(times 1/{total:.6g}, one over the mask's sum)", u)
+            elif not fits:
+                u = next(i for i, (n, _, _) in enumerate(self._weights, 1) if n)
+                n, weight, unmasked = self._weights[u - 1]
+                if (self.reduction == "mean" and weight is not None and unmasked < n * self.B
+                        and math.isclose(weight, 1 / (n * self.B), rel_tol=WEIGHT_RTOL)):
+                    self.add("wrong_reduction",
+                             f"the masked loss of update {u} is divided by all {n * self.B} "
+                             f"terms of its {n} steps, not by the {unmasked} terms the mask "
+                             f"keeps: divide the masked sum by the sum of the mask", u)
+                else:
+                    self.add("wrong_reduction",
+                             f"the loss weights of update {u} fit neither a mean nor a sum "
+                             f"over its {n} steps (each term weighs {weight})", u)
             return
-        u = next(i for i, (m, _) in enumerate(self._weights, 1) if m > 1)
-        n, weight = self._weights[u - 1]
+        if self.intent.mask is not None:
+            u = next(i for i, (f, _) in enumerate(self._factors, 1) if f is not None)
+            total = self._factors[u - 1][1]
+            if self.reduction == "mean":
+                message = (f"the loss of update {u} is the mask-weighted sum of its terms "
+                           f"where SPEC's mean was intended: divide it by the sum of the mask "
+                           f"over those terms ({total:.6g})")
+            else:
+                message = (f"the loss of update {u} is the mask-weighted sum of its terms "
+                           f"divided by the sum of the mask over them ({total:.6g}), where "
+                           f"the sum was intended")
+            self.add("wrong_reduction", message, u)
+            return
+        u = next(i for i, (m, _, _) in enumerate(self._weights, 1) if m > 1)
+        n, weight, unmasked = self._weights[u - 1]
         sequences = f"{self.B} sequences"
         if self.reduction == "mean":
-            mean = 1.0 / (n * self.B)
+            mean = 1.0 / unmasked
             message = (f"the loss is summed over the steps of each update where a mean was "
                        f"intended: each loss term of update {u} weighs {weight:.6g}, in the mean "
                        f"over its {n} steps and {sequences} one weighs {mean:.6g}, so its "
                        f"gradient is {weight / mean:.6g}x the mean's (divide the loss by the "
-                       f"number of terms, or use nn.MSELoss() on the chunk)")
+                       f"number of terms, or reduce it with a mean over the chunk)")
         else:
             message = (f"the loss is averaged over the steps of each update where a sum was "
                        f"intended: each loss term of update {u} weighs {weight:.6g}, in the sum "
@@ -448,33 +333,85 @@ class Analysis:
                        f"1/{1 / weight:.6g} of the sum's")
         self.add("wrong_reduction", message, u)
 
+    def _clip_findings(self) -> None:
+        intended = self.intent.clip_grad_norm
+        clipped = [(u, norm, f) for u, norm, f in self._norms if f < 1]
+        if intended is None:
+            if self._clip is not None:
+                self.notes.append(
+                    f"the loop clips the gradient's global norm to {self._clip:.6g} between "
+                    f"backward() and the update (clip_grad_norm_; at {len(clipped)} of "
+                    f"{len(self._norms)} updates the norm was above it), and the reference "
+                    f"clips alike; say clip_grad_norm={self._clip:.6g} (tbptt audit "
+                    f"--clip-grad-norm {self._clip:.6g}) if that is meant, and it is judged too")
+            return
+        if self._clip is not None and not math.isclose(self._clip, intended, rel_tol=1e-6):
+            update, norm, factor = clipped[0]
+            self.add("wrong_clipping",
+                     f"the gradient of update {update.index + 1} (norm {norm:.4g}) is clipped "
+                     f"to norm {factor * norm:.4g}: the loop clips to max norm "
+                     f"{self._clip:.6g} where clip_grad_norm={intended:g} was intended",
+                     update.index + 1, update.progress - 1)
+        elif self._clip is None and "gradient_modified" not in self.findings:
+            over = next(((u, norm) for u, norm, f in self._norms if norm > intended), None)
+            if over is not None:
+                update, norm = over
+                self.add("wrong_clipping",
+                         f"the gradient of update {update.index + 1} has norm {norm:.4g}, "
+                         f"above clip_grad_norm={intended:g}, and is applied unclipped: call "
+                         f"torch.nn.utils.clip_grad_norm_(model.parameters(), {intended:g}) "
+                         f"between backward() and the update", update.index + 1,
+                         update.progress - 1)
+
+    def _rate_notes(self) -> None:
+        """How the loop moves the weights: the learning rate of each update."""
+        if not self.applied:
+            return
+        rates = [u.lr for u in self.applied]
+        own = all(u.kind == "own" for u in self.applied)
+        if any(rate is None for rate in rates):
+            first = next(n for n, rate in enumerate(rates, 1) if rate is None)
+            self.notes.append(
+                f"update {first} moves the weights by other than a plain SGD step along "
+                f"p.grad (momentum, weight decay or an adaptive optimizer?); every update is "
+                f"still judged by the gradient it applies, each from the weights the loop had")
+        elif any(not math.isclose(rate, rates[0], rel_tol=1e-9) for rate in rates):
+            changes = [f"lr={rates[0]:.6g} at update 1"] + [
+                f"{rate:.6g} from update {n}" for n, (before, rate)
+                in enumerate(zip(rates, rates[1:], strict=False), start=2)
+                if not math.isclose(rate, before, rel_tol=1e-9)]
+            self.notes.append(f"the learning rate changes: {', '.join(changes)}; each update "
+                              f"is judged by the gradient it applies")
+        elif own:
+            self.notes.append(f"the loop updates the weights itself (no optimizer.step()): "
+                              f"plain SGD steps along p.grad with lr={rates[0]:.6g}")
+
     # -- the numbers ----------------------------------------------------------------------
 
-    def verdict(self, reference: Callable[[Tbptt], list[dict[str, torch.Tensor]]],
-                setup: str) -> AuditVerdict:
+    def verdict(self, reference: Reference, setup: str) -> AuditVerdict:
         target = self._reference_semantics()
         max_diff, planned = None, 0
-        if target is not None:
-            expected = reference(target)
+        if target is not None and self.loss is not None:
+            expected = reference(target, self.loss, self._reference_mask())
             planned = len(expected)
             diffs = []
-            for u, (obs, step, grads) in enumerate(
+            for u, (obs, update, grads) in enumerate(
                     zip(self.updates, self.applied, expected, strict=False), start=1):
-                diff = _relative(step.grads, grads)
+                diff = relative(update.grads, grads)
                 diffs.append(diff)
                 self.updates[u - 1] = dataclasses.replace(obs, gradient_difference=diff)
             if diffs:
                 max_diff = max(diffs)
             first_bad = next((u for u, d in enumerate(diffs, 1) if d > RTOL), None)
             if first_bad is not None and not self.findings:
-                cause = ("" if first_bad == 1 else
-                         f"; the gradients before it matched, so the weights update "
-                         f"{first_bad} starts from differ: does the loop change the learning "
-                         f"rate, the optimizer or the weights between updates?")
+                name = _furthest(self.applied[first_bad - 1].grads, expected[first_bad - 1])
                 self.add("gradients_differ",
                          f"the gradient of update {first_bad} differs from the reference's by "
-                         f"{diffs[first_bad - 1]:.1e} (relative) though every step, window and "
-                         f"weight the audit measures is as intended{cause}", first_bad)
+                         f"{diffs[first_bad - 1]:.1e} (relative), most in {name}, though every "
+                         f"step, window and weight the audit measures is as intended and the "
+                         f"reference starts that update from the loop's own weights: a "
+                         f"parameter left out of backward() (requires_grad=False), a gradient "
+                         f"hook, or a model that changes between calls?", first_bad)
             elif first_bad is not None:
                 self.notes.append(f"against the reference the gradients first differ at "
                                   f"update {first_bad} ({diffs[first_bad - 1]:.1e} relative)")
@@ -484,14 +421,17 @@ class Analysis:
         return AuditVerdict(
             correct=correct, implements=self.implements,
             intended={"k1": self.k1, "k2": self.k2, "reduction": self.reduction,
-                      "tail": self.tail},
+                      "tail": self.tail, "clip_grad_norm": self.intent.clip_grad_norm},
             findings=tuple(self.findings.values()), updates=tuple(self.updates),
             reference=target, max_gradient_difference=max_diff,
-            error=None if self.error is None else f"{type(self.error).__name__}: {self.error}",
-            setup=setup, planned_updates=planned, notes=tuple(self.notes))
+            error=(None if self.error is None
+                   else f"{type(self.error).__name__}: {' '.join(str(self.error).split())}"),
+            setup=setup, planned_updates=planned, notes=tuple(self.notes),
+            loss=None if self.loss is None else self.loss.name)
 
     def _reference_semantics(self) -> Tbptt | None:
-        """The intended TBPTT, its unstated reduction, tail and batch taken from the loop."""
+        """The intended TBPTT, its unstated reduction, tail, batch, clipping and mask taken
+        from the loop."""
         observed = self.implements
         fits = self._batch_and_reduction()
         reduction = self.reduction or (observed.reduction if observed else None) or (
@@ -500,4 +440,21 @@ class Analysis:
         # over every term or a sum over every term.
         batch = next((b for r, b in fits if r == reduction), reduction)
         tail = self.tail or (observed.tail if observed else None) or "partial"
-        return Tbptt(self.k1, self.k2, reduction, tail, batch)
+        clip = self.intent.clip_grad_norm if self.intent.clip_grad_norm is not None else (
+            self._clip)
+        masked = self.intent.mask is not None or self._masked()
+        return Tbptt(self.k1, self.k2, reduction, tail, batch, clip, masked)
+
+    def _reference_mask(self) -> torch.Tensor | None:
+        """The weights `[T, B]` of the reference's loss terms: the mask given, or the one the
+        loop applies (its terms of weight 0)."""
+        if self.intent.mask is not None:
+            return self.intent.mask
+        if not self._masked():
+            return None
+        mask = torch.ones(self.T, self.B, dtype=torch.float64)
+        for terms in self._terms:
+            for t, w in terms.items():
+                mask[t] = (w != 0).to(mask.dtype)
+        return mask
+

@@ -32,9 +32,12 @@ def format_report(verdict: AuditVerdict, tolerance: float) -> str:
         lines.append(f"reference  tbptt_train_step with {verdict.reference}: "
                      f"{verdict.planned_updates} updates")
     if verdict.implements is not None:
-        lines.append(f"implements {verdict.implements}, the per-step loss "
+        loss = verdict.loss or "loss"
+        masked = sum(u.masked_terms for u in verdict.updates)
+        lines.append(f"implements {verdict.implements}, the per-step {loss} "
                      f"{'averaged' if verdict.implements.batch == 'mean' else 'summed'} "
-                     f"over the batch")
+                     f"over the batch" + (f", {plural(masked, 'term')} masked (weight 0)"
+                                          if verdict.implements.masked else ""))
     lines += [textwrap.fill(note, width=100, initial_indent="note       ",
                             subsequent_indent=" " * 11, break_on_hyphens=False)
               for note in verdict.notes]
