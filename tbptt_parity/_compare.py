@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
-import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +32,7 @@ from torch import nn
 import tbptt_jax
 import tbptt_torch
 from tbptt.checks import REDUCTIONS, TAILS, check_choice, check_int, check_k
+from tbptt.loading import load_object
 from tbptt_parity._harness import (
     OPTIMIZERS,
     SCALES,
@@ -181,7 +178,8 @@ def compare(torch_model: nn.Module, apply_fn: Callable[..., Any], *, xs: Any, ys
         `state_dict()` entry must be a parameter (buffers would not be trained alike).
       apply_fn: the JAX port, `(params, carry, xs[, resets]) -> (carry, preds)`, reading
         `params` by the torch module's `state_dict()` names.
-      xs: inputs `[T, B, ...]` (numpy, torch or JAX; floating point, cast to `dtype`).
+      xs: inputs `[T, B, ...]` (numpy, torch or JAX): floats, cast to `dtype`, or integer
+        token ids `[T, B]` for a model that embeds them.
       ys: targets `[T, B, ...]`: floats for "mse", integer class labels `[T, B]` for
         "cross_entropy".
       k1, k2: TBPTT(k1, k2), as in `tbptt_jax.tbptt_train_step`.
@@ -355,9 +353,12 @@ def _sequences(xs: Any, ys: Any, resets: Any, k1: int, updates: int | None, tail
     if xs.ndim < 2 or ys.ndim < 2:
         raise ValueError(f"xs and ys must be time-major [T, B, ...]; got xs of shape "
                          f"{xs.shape} and ys of shape {ys.shape}")
-    if not np.issubdtype(xs.dtype, np.floating):
-        raise ValueError(f"xs must be floating point, got {xs.dtype}")
-    xs = xs.astype(dtype)
+    if np.issubdtype(xs.dtype, np.integer):
+        xs = xs.astype(np.int32)  # token ids; int32 needs no 64-bit mode in JAX
+    elif np.issubdtype(xs.dtype, np.floating):
+        xs = xs.astype(dtype)
+    else:
+        raise ValueError(f"xs must be floats or integer token ids, got {xs.dtype}")
     if np.issubdtype(ys.dtype, np.floating):
         ys = ys.astype(dtype)
     elif np.issubdtype(ys.dtype, np.integer):
@@ -394,41 +395,6 @@ def _torch_carry(model: nn.Module, carry: Any, batch_size: int, dtype: torch.dty
     return to_torch(carry)
 
 
-def load_object(spec: str) -> Any:
-    """The object named by `"path/to/file.py:name"` or `"package.module:name"`.
-
-    A file is loaded once per path (so two names of one file share its module) and is
-    registered under its stem, so pickling and dataclasses inside it work.
-    """
-    where, sep, name = spec.rpartition(":")
-    if not sep or not where or not name:
-        raise ValueError(f"expected FILE.py:NAME or MODULE:NAME, got {spec!r}")
-    if where.endswith(".py") or Path(where).is_file():
-        path = Path(where).resolve()
-        if not path.is_file():
-            raise ValueError(f"{spec!r}: no file {where}")
-        module_name = f"_tbptt_port_{path.stem}_{abs(hash(str(path)))}"
-        module = sys.modules.get(module_name)
-        if module is None:
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[module_name]
-                raise
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as error:
-            raise ValueError(f"{spec!r}: cannot import {where}: {error}") from error
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ValueError(f"{spec!r}: {where} defines no {name!r}") from None
-
-
 def load_port(torch_factory: str, jax_apply: str, *, seed: int = 0
               ) -> tuple[nn.Module, Callable[..., Any]]:
     """The torch module and the JAX apply function that the specs (see `load_object`) name.
@@ -443,7 +409,11 @@ def load_port(torch_factory: str, jax_apply: str, *, seed: int = 0
                          f"got {type(factory).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory()
+        try:
+            model = factory()
+        except Exception as error:  # the user's code may fail in any way
+            raise ValueError(f"{torch_factory!r}: calling it raised {type(error).__name__}: "
+                             f"{' '.join(str(error).split())}") from error
     if not isinstance(model, nn.Module):
         raise ValueError(f"{torch_factory!r} must return a torch.nn.Module, got "
                          f"{type(model).__name__}")
@@ -454,27 +424,44 @@ def load_port(torch_factory: str, jax_apply: str, *, seed: int = 0
 
 
 def random_data(torch_model: nn.Module, *, steps: int, batch_size: int, loss_fn: str = "mse",
-                input_size: int | None = None, seed: int = 0
+                input_size: int | None = None, vocab_size: int | None = None, seed: int = 0
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random `(xs[steps, B, I], ys)` shaped for `torch_model`: xs ~ N(0, 1); ys for "mse"
-    ~ N(0, 1) of the model's output shape, for "cross_entropy" labels `[steps, B]` drawn
-    from its output classes. `input_size` defaults to that of the module's first recurrent
-    or linear layer; the output shape is found by running the module on one step.
+    """Random `(xs, ys)` shaped for `torch_model`.
+
+    xs are token ids `[steps, B]` below `vocab_size` for a model that embeds tokens
+    (`vocab_size` defaults to the size of its first `nn.Embedding`, when `input_size` is not
+    given), else features `[steps, B, input_size]` ~ N(0, 1), `input_size` defaulting to that
+    of the module's first recurrent or linear layer. ys are ~ N(0, 1) of the model's output
+    shape for "mse", class labels `[steps, B]` below its number of outputs for
+    "cross_entropy". The output shape is found by running the module on one step from its
+    `initial_carry(B)`, as `forward(xs, carry)` is called in training.
     """
     steps, batch_size = check_int("steps", steps), check_int("batch_size", batch_size)
     check_choice("loss_fn", loss_fn, tuple(LOSSES))
-    if input_size is None:
-        input_size = _input_size(torch_model)
-    input_size = check_int("input_size", input_size)
+    if vocab_size is None and input_size is None:
+        embedding = next((m for m in torch_model.modules() if isinstance(m, nn.Embedding)),
+                         None)
+        vocab_size = None if embedding is None else embedding.num_embeddings
     rng = np.random.default_rng(seed)
-    xs = rng.standard_normal((steps, batch_size, input_size))
+    if vocab_size is not None:
+        vocab_size = check_int("vocab_size", vocab_size)
+        xs = rng.integers(0, vocab_size, (steps, batch_size))
+        first = torch.zeros(1, batch_size, dtype=torch.int64)
+        described = f"token ids of shape [1, {batch_size}] (is vocab_size right?)"
+    else:
+        input_size = check_int("input_size", _input_size(torch_model) if input_size is None
+                               else input_size)
+        xs = rng.standard_normal((steps, batch_size, input_size))
+        first = torch.zeros(1, batch_size, input_size, dtype=torch.float64)
+        described = f"xs of shape [1, {batch_size}, {input_size}] (is input_size right?)"
     probe = copy.deepcopy(torch_model).double()
+    carry = _torch_carry(probe, None, batch_size, torch.float64)
     with torch.no_grad():
         try:
-            preds, _ = probe(torch.zeros(1, batch_size, input_size, dtype=torch.float64))
+            preds, _ = probe(first, carry)
         except Exception as error:  # a user's module may fail in any way on a wrong size
-            raise ValueError(f"the torch module fails on xs of shape [1, {batch_size}, "
-                             f"{input_size}] (is input_size right?): {error}") from error
+            raise ValueError(f"the torch module fails on {described}: "
+                             f"{type(error).__name__}: {error}") from error
     output_shape = tuple(preds.shape[2:])
     if loss_fn == "cross_entropy":
         return xs, rng.integers(0, output_shape[-1], (steps, batch_size))

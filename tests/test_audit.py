@@ -1,25 +1,33 @@
-"""`tbptt_torch.audit` on correct loops of three shapes and on each classic mistake.
+"""`tbptt_torch.audit` on correct loops of three shapes and on each classic mistake, on
+word_language_model's `train()` from pytorch/examples as written and seven mistakes in it,
+on updates the loop makes itself, and on losses, models and data of the user's own.
 
-The loops come from examples/audit_loops.py (what docs/audit.md shows) and, so that the
-audit is seen to judge behaviour rather than a familiar text, from this file: written in
-other styles (zip over the steps, `model.zero_grad()`, `detach_()`, `torch.split`, a class
-with a callback). Each verdict is checked by its numbers: the updates' end steps, the loss
-weight of each update, the gradient difference to the reference, and for a wrong loop the
-finding's kind and the update and time step where it first shows.
+The loops come from examples/audit_loops.py and tests/fixtures/word_language_model.py (what
+docs/audit.md shows) and, so that the audit is seen to judge behaviour rather than a familiar
+text, from this file: written in other styles (zip over the steps, `model.zero_grad()`,
+`detach_()`, `torch.split`, a class with a callback, `p -= lr * p.grad`, torch.optim's
+functional SGD). Each verdict is checked by its numbers: the updates' end steps, the loss
+weight and learning rate of each update, the gradient difference to the reference, and for a
+wrong loop the finding's kind and the update and time step where it first shows.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from examples import audit_loops as loops
+from tbptt.loading import load_object
 from tbptt_cli.cli import main
 from tbptt_torch.audit import RTOL, AuditError, Tbptt, audit
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T, K = 22, 4  # the audit's defaults for k1 = 4: five whole chunks and a tail of 2
 B = K + 1
@@ -289,8 +297,9 @@ def shifted_target_loop(model, optimizer, xs, ys, k):
 def test_loss_against_the_wrong_target():
     verdict = audit(shifted_target_loop)
     found = finding(verdict, "wrong_loss")
-    assert (found.update, found.step) == (1, 3)
-    assert "the loss terms of update 1 weigh unequally" in found.message
+    assert (found.update, found.step) == (1, 0)
+    assert ("the loss of step 0 is computed against ys[1], the target of the next step, not "
+            "ys[0]") in found.message
 
 
 # -- the audit itself -----------------------------------------------------------------------
@@ -335,7 +344,7 @@ def test_command_prints_the_verdict_and_exits_with_it(capsys):
     assert main(["audit", "examples/audit_loops.py:per_step_loop", "--tail", "partial"]) == 1
     assert "[tail_dropped] (update 6, step 20)" in capsys.readouterr().out
     assert main(["audit", "examples/audit_loops.py:no_such_loop"]) == 2
-    assert "has no function 'no_such_loop'" in capsys.readouterr().err
+    assert "examples/audit_loops.py defines no 'no_such_loop'" in capsys.readouterr().err
 
 
 def test_default_length_shows_the_tail():
@@ -372,10 +381,38 @@ def per_step_backward_loop(model, optimizer, xs, ys, k):
             h = h[0].detach(), h[1].detach()
 
 
-def test_gradient_changed_between_backward_and_step():
-    verdict = audit(clipping_loop)
+def doubling_loop(model, optimizer, xs, ys, k):
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        nn.utils.clip_grad_value_(model.parameters(), 0.05)
+        optimizer.step()
+        h = h[0].detach(), h[1].detach()
+
+
+def test_clipping_between_backward_and_step_is_recognised_and_judged():
+    verdict = audit(clipping_loop)  # clip_grad_norm not said: reported, and clipped alike
+    assert verdict.correct, str(verdict)
+    assert verdict.implements.clip_grad_norm == pytest.approx(0.01, rel=1e-9)
+    assert verdict.reference.clip_grad_norm == pytest.approx(0.01, rel=1e-9)
+    assert "the loop clips the gradient's global norm to 0.01" in verdict.notes[0]
+    assert audit(clipping_loop, clip_grad_norm=0.01).correct
+    other = audit(clipping_loop, clip_grad_norm=0.5)
+    assert other.kinds == ("wrong_clipping",)
+    assert (other.findings[0].update, other.findings[0].step) == (1, 3)
+    assert "the loop clips to max norm 0.01 where clip_grad_norm=0.5" in other.findings[0].message
+    unclipped = audit(loops.per_chunk_loop, clip_grad_norm=0.01)
+    assert unclipped.kinds == ("wrong_clipping",)
+    assert "and is applied unclipped" in unclipped.findings[0].message
+
+
+def test_a_change_of_the_gradient_that_is_no_norm_clipping():
+    verdict = audit(doubling_loop)  # clip_grad_value_ clips each entry on its own
     assert verdict.kinds == ("gradient_modified",)
     assert (verdict.findings[0].update, verdict.findings[0].step) == (1, 3)
+    assert "not by clipping its global norm" in verdict.findings[0].message
 
 
 def test_one_backward_per_step_adds_up_to_the_chunk():
@@ -450,16 +487,36 @@ def test_carry_handed_on_from_the_wrong_step():
 def test_a_loop_that_never_steps():
     verdict = audit(forgets_step_loop)
     assert verdict.kinds == ("no_update",)
-    assert verdict.findings[0].message == "the loop never called optimizer.step()"
+    assert verdict.findings[0].message == ("the loop never updated the weights: it called no "
+                                           "optimizer.step() and changed no parameter itself")
+
+
+def frozen_bias_loop(model, optimizer, xs, ys, k):
+    """Correct TBPTT, but one parameter is left out of backward() from the second update."""
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        optimizer.step()
+        model.head.bias.requires_grad_(False)
+        h = h[0].detach(), h[1].detach()
+
+
+def test_the_learning_rate_of_each_update_is_read_and_reported():
+    verdict = audit(lr_schedule_loop)
+    assert verdict.correct, str(verdict)  # each update is judged from the loop's own weights
+    assert [u.lr for u in verdict.updates] == pytest.approx([0.05] + [0.2] * 5, rel=1e-9)
+    assert verdict.notes == ("the learning rate changes: lr=0.05 at update 1, 0.2 from update "
+                             "2; each update is judged by the gradient it applies",)
 
 
 def test_gradients_differ_with_everything_else_as_intended():
-    verdict = audit(lr_schedule_loop)
+    verdict = audit(frozen_bias_loop)
     assert verdict.kinds == ("gradients_differ",)
-    # Update 2 still starts from the reference's weights; its larger step shows at update 3.
-    assert verdict.findings[0].update == 3
-    assert max(u.gradient_difference for u in verdict.updates[:2]) < RTOL
-    assert "does the loop change the learning rate" in verdict.findings[0].message
+    assert verdict.findings[0].update == 2
+    assert verdict.updates[0].gradient_difference < RTOL
+    assert "most in head.bias" in verdict.findings[0].message
 
 
 def test_a_model_of_ones_own():
@@ -469,5 +526,284 @@ def test_a_model_of_ones_own():
     assert verdict.correct, str(verdict)
     assert verdict.setup.startswith("GRUModel, float64; xs [22, 5, 3]")
 
-    with pytest.raises(ValueError, match="initial_carry"):
-        audit(loops.per_chunk_loop, model_factory=lambda: nn.GRU(2, 4))
+    # A bare nn.GRU: no initial_carry, predictions [t, B, 4]; ys are shaped for it.
+    bare = audit(loops.per_chunk_loop, model_factory=lambda: nn.GRU(2, 4))
+    assert bare.correct, str(bare)
+    assert bare.setup.startswith("GRU, float64; xs [22, 5, 2], ys [22, 5, 4]")
+    with pytest.raises(ValueError, match="pass model or model_factory, not both"):
+        audit(loops.per_chunk_loop, model=nn.GRU(2, 4), model_factory=lambda: nn.GRU(2, 4))
+
+
+# -- word_language_model's train(), as pytorch/examples has it, and seven mistakes in it ----
+
+WLM = ROOT / "tests" / "fixtures" / "word_language_model.py"
+WLM_INTENT = dict(k1=5, reduction="mean", tail="partial", clip_grad_norm=0.25)
+
+
+def wlm(name):
+    return load_object(f"{WLM}:{name}")
+
+
+def test_word_language_model_loop_as_written_is_correct():
+    verdict = audit(wlm("loop"), model_factory=wlm("make_model"), **WLM_INTENT)
+    assert verdict.correct, str(verdict)
+    # T = 27 token steps of B = 6 streams, bptt = 5: five chunks of 5 and a last one of 2.
+    assert ends(verdict) == [4, 9, 14, 19, 24, 26]
+    assert [u.weight for u in verdict.updates] == pytest.approx([1 / 30] * 5 + [1 / 12])
+    assert [u.lr for u in verdict.updates] == pytest.approx([20.0] * 6, rel=1e-9)
+    assert verdict.loss == "nll"
+    assert str(verdict.implements) == ("TBPTT(k1=5, k2=5, reduction='mean', tail='partial', "
+                                       "clip_grad_norm=0.25)")
+    assert verdict.max_gradient_difference < RTOL
+    assert verdict.setup.startswith("RNNModel (dropout off in 2 modules), float64; xs [27, 6] "
+                                    "token ids < 10, ys [27, 6] the next tokens")
+    assert ("the loop updates the weights itself (no optimizer.step()): plain SGD steps along "
+            "p.grad with lr=20") in verdict.notes
+
+
+def test_word_language_model_without_its_clipping_said():
+    verdict = audit(wlm("loop"), model_factory=wlm("make_model"), k1=5)
+    assert verdict.correct, str(verdict)
+    assert verdict.implements.clip_grad_norm == pytest.approx(0.25, rel=1e-9)
+    assert any("clips the gradient's global norm to 0.25" in note for note in verdict.notes)
+    other = audit(wlm("loop"), model_factory=wlm("make_model"), k1=5, clip_grad_norm=1.0)
+    assert other.kinds == ("wrong_clipping",)
+
+
+@pytest.mark.parametrize(("name", "kinds", "first"), [
+    ("without_repackage_loop", ("loop_raised", "not_detached"), ("not_detached", 2, 5)),
+    ("zero_grad_after_backward_loop", ("loop_raised", "zero_grad_before_step"),
+     ("zero_grad_before_step", 1, 4)),
+    ("without_zero_grad_loop", ("gradients_accumulate",), ("gradients_accumulate", 2, 9)),
+    ("hidden_reset_loop", ("carry_reset",), ("carry_reset", 2, 5)),
+    ("targets_unshifted_loop", ("wrong_loss",), ("wrong_loss", 1, 0)),
+    ("short_batch_skipped_loop", ("tail_dropped",), ("tail_dropped", 6, 25)),
+    ("loss_summed_loop", ("wrong_reduction",), ("wrong_reduction", 1, None)),
+], ids=["repackage_hidden-removed", "zero_grad-after-backward", "zero_grad-removed",
+        "hidden-reset-every-batch", "targets-not-shifted", "short-batch-skipped", "loss-summed"])
+def test_word_language_model_mistakes_are_each_diagnosed(name, kinds, first):
+    verdict = audit(wlm(name), model_factory=wlm("make_model"), **WLM_INTENT)
+    assert verdict.kinds == kinds, str(verdict)
+    kind, update, step = first
+    found = finding(verdict, kind)
+    assert (found.update, found.step) == (update, step), str(verdict)
+
+
+def test_word_language_model_mistakes_say_why():
+    def audited(name):
+        return audit(wlm(name), model_factory=wlm("make_model"), **WLM_INTENT)
+
+    no_repackage = audited("without_repackage_loop")
+    raised = finding(no_repackage, "loop_raised")
+    assert (raised.update, raised.step) == (2, 9)
+    # The whole message, quoted, and why: nothing was detached (not "although it was").
+    assert ("Specify retain_graph=True if you need to backward through the graph a second time "
+            "or if you need to access saved tensors after calling backward.\"") in raised.message
+    assert raised.message.endswith("because the hidden state is not detached")
+    late_zero_grad = audited("zero_grad_after_backward_loop")
+    raised = finding(late_zero_grad, "loop_raised")
+    assert ('raised TypeError: "add_(): argument \'other\' (position 1) must be Tensor, not '
+            'NoneType"; every p.grad is None there: zero_grad() set them so after backward()'
+            ) in raised.message
+    assert "steps 0-4 is cleared before update 1 could apply it" in finding(
+        late_zero_grad, "zero_grad_before_step").message
+    assert "against xs[0], the input of that step itself, not ys[0]: the targets are not " \
+           "shifted" in finding(audited("targets_unshifted_loop"), "wrong_loss").message
+    assert "its gradient is 30x the mean's" in finding(audited("loss_summed_loop"),
+                                                        "wrong_reduction").message
+
+
+def test_word_language_model_from_the_command_line(capsys):
+    arguments = ["--model", f"{WLM}:make_model", "--k1", "5", "--reduction", "mean", "--tail",
+                 "partial", "--clip-grad-norm", "0.25"]
+    assert main(["audit", f"{WLM}:loop", *arguments]) == 0
+    assert "verdict    CORRECT: the same 6 updates" in capsys.readouterr().out
+    assert main(["audit", f"{WLM}:hidden_reset_loop", *arguments]) == 1
+    assert "[carry_reset] (update 2, step 5)" in capsys.readouterr().out
+    assert main(["audit", f"{WLM}:loop", "--model", f"{WLM}:no_such_model"]) == 2
+    assert "defines no 'no_such_model'" in capsys.readouterr().err
+
+
+# -- updates without an optimizer object ----------------------------------------------------
+
+def in_place_loop(model, optimizer, xs, ys, k):
+    """`p -= lr * p.grad` under no_grad, model.zero_grad()."""
+    h = None
+    for start in range(0, xs.shape[0], k):
+        model.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        h = h[0].detach(), h[1].detach()
+
+
+def functional_loop(model, optimizer, xs, ys, k):
+    """torch.optim's functional SGD; the gradients cleared by `p.grad = None`."""
+    params, h = list(model.parameters()), None
+    for start in range(0, xs.shape[0], k):
+        for p in params:
+            p.grad = None
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        with torch.no_grad():
+            torch.optim._functional.sgd(params, [p.grad for p in params], [None] * len(params),
+                                        weight_decay=0.0, momentum=0.0, lr=0.2, dampening=0.0,
+                                        nesterov=False, maximize=False)
+        h = h[0].detach(), h[1].detach()
+
+
+def own_adam_loop(model, optimizer, xs, ys, k):
+    """An optimizer of the loop's own, not the one handed over."""
+    adam, h = torch.optim.Adam(model.parameters(), lr=0.01), None
+    for start in range(0, xs.shape[0], k):
+        adam.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.mse_loss(out, ys[start:start + k]).backward()
+        adam.step()
+        h = h[0].detach(), h[1].detach()
+
+
+@pytest.mark.parametrize(("loop", "lr"), [(in_place_loop, 0.1), (functional_loop, 0.2),
+                                          (own_adam_loop, None)],
+                         ids=["p-=lr*grad", "functional-sgd", "own-adam"])
+def test_updates_the_loop_makes_itself_count(loop, lr):
+    verdict = audit(loop, reduction="mean", tail="partial")
+    assert verdict.correct, str(verdict)
+    assert ends(verdict) == [3, 7, 11, 15, 19, 21]
+    if lr is None:
+        assert [u.lr for u in verdict.updates] == [None] * 6
+        assert "other than a plain SGD step along p.grad" in verdict.notes[0]
+    else:
+        assert [u.lr for u in verdict.updates] == pytest.approx([lr] * 6, rel=1e-9)
+
+
+# -- any loss, any model, any data -----------------------------------------------------------
+
+class TinyLM(nn.Module):
+    """Token ids [t, B] -> logits [t, B, 6]: an embedding, a GRU, a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.gru, self.head = nn.Embedding(6, 3), nn.GRU(3, 4), nn.Linear(4, 6)
+
+    def forward(self, x, h):
+        out, h = self.gru(self.embed(x), h)
+        return self.head(out), h
+
+
+def cross_entropy_loop(model, optimizer, xs, ys, k):
+    h = torch.zeros(1, xs.shape[1], 4)
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        logits, h = model(xs[start:start + k], h)
+        F.cross_entropy(logits.flatten(0, 1), ys[start:start + k].flatten()).backward()
+        optimizer.step()
+        h = h.detach()
+
+
+def masked_loop(model, optimizer, xs, ys, k, mean_over_all=False):
+    """Cross-entropy where the target is not 0 (a padding id), averaged over those terms."""
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        logits, h = model(xs[start:start + k], h)
+        targets = ys[start:start + k].flatten()
+        terms = F.cross_entropy(logits.flatten(0, 1), targets, reduction="none")
+        keep = (targets != 0).double()
+        loss = (terms * keep).mean() if mean_over_all else (terms * keep).sum() / keep.sum()
+        loss.backward()
+        optimizer.step()
+        h = h.detach()
+
+
+def masked_mean_over_all_loop(model, optimizer, xs, ys, k):
+    masked_loop(model, optimizer, xs, ys, k, mean_over_all=True)
+
+
+def test_a_token_model_with_cross_entropy():
+    verdict = audit(cross_entropy_loop, model_factory=TinyLM, reduction="mean", tail="partial")
+    assert verdict.correct, str(verdict)
+    assert verdict.loss == "cross_entropy"
+    assert verdict.setup.startswith("TinyLM, float64; xs [22, 5] token ids < 6, ys [22, 5] "
+                                    "the next tokens")
+
+
+def test_a_masked_loss_is_read_from_the_weights():
+    verdict = audit(masked_loop, model_factory=TinyLM, reduction="mean", tail="partial")
+    assert verdict.correct, str(verdict)
+    assert verdict.implements.masked and verdict.reference.masked
+    assert [u.masked_terms for u in verdict.updates] == [3, 3, 1, 2, 1, 2]  # ys == 0
+    assert verdict.updates[0].weight == pytest.approx(1 / 17)  # 20 terms, 3 masked
+    wrong = audit(masked_mean_over_all_loop, model_factory=TinyLM, reduction="mean")
+    assert wrong.kinds == ("wrong_reduction",)
+    assert ("divided by all 20 terms of its 4 steps, not by the 17 terms the mask keeps"
+            in wrong.findings[0].message)
+
+
+def weighted_loop(model, optimizer, xs, ys, k, mask):
+    """Squared error weighted by the mask it is given, SPEC's mean: sum(w l) / sum(w)."""
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        weights = mask[start:start + k]
+        terms = ((out - ys[start:start + k]) ** 2).squeeze(-1)
+        ((terms * weights).sum() / weights.sum()).backward()
+        optimizer.step()
+        h = h[0].detach(), h[1].detach()
+
+
+def test_a_mask_given_is_judged():
+    generator = torch.Generator().manual_seed(3)
+    mask = torch.rand(T, B, generator=generator) * (torch.rand(T, B, generator=generator) > 0.3)
+    assert audit(weighted_loop, mask=mask, reduction="mean", tail="partial").correct
+    summed = audit(weighted_loop, mask=mask, reduction="sum")
+    assert summed.kinds == ("wrong_reduction",)
+    unmasked = audit(loops.per_chunk_loop, mask=mask, reduction="mean")
+    assert unmasked.kinds == ("wrong_mask",)
+    assert (unmasked.findings[0].update, unmasked.findings[0].step) == (1, 0)
+
+
+def huber_loop(model, optimizer, xs, ys, k):
+    h = None
+    for start in range(0, xs.shape[0], k):
+        optimizer.zero_grad()
+        out, h = model(xs[start:start + k], h)
+        F.huber_loss(out, ys[start:start + k], delta=0.5).backward()
+        optimizer.step()
+        h = h[0].detach(), h[1].detach()
+
+
+def huber(preds, targets):
+    return F.huber_loss(preds, targets, delta=0.5, reduction="none").mean(-1)
+
+
+def test_a_loss_the_audit_does_not_know_is_asked_for_by_name():
+    from tbptt_torch.models import LSTMModel
+
+    with pytest.raises(AuditError, match="pass loss_fn, the loss your loop computes"):
+        audit(huber_loop, model_factory=lambda: LSTMModel(2, 4, 3))
+    verdict = audit(huber_loop, model_factory=lambda: LSTMModel(2, 4, 3), loss_fn=huber,
+                    reduction="mean")
+    assert verdict.correct, str(verdict)
+    assert verdict.loss == "huber"
+
+
+def test_data_of_ones_own(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    xs, ys = rng.normal(size=(13, 3, 2)), rng.normal(size=(13, 3, 1))
+    verdict = audit(loops.per_chunk_loop, xs=xs, ys=ys, reduction="mean", tail="partial")
+    assert verdict.correct, str(verdict)
+    assert ends(verdict) == [3, 7, 11, 12]
+    assert "xs [13, 3, 2], ys [13, 3, 1] (given)" in verdict.setup
+    data = tmp_path / "data.npz"
+    np.savez(data, xs=xs, ys=ys)
+    assert main(["audit", "examples/audit_loops.py:per_chunk_loop", "--data", str(data)]) == 0
+    assert "verdict    CORRECT: the same 4 updates" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="length and batch_size shape the random data"):
+        audit(loops.per_chunk_loop, xs=xs, ys=ys, length=13)
+    with pytest.raises(ValueError, match=r"mask must have the \[T, B\] of xs, expected \[13, "
+                                         r"3\], got \[13, 4\]"):
+        audit(loops.per_chunk_loop, xs=xs, ys=ys, mask=np.ones((13, 4)))

@@ -1,6 +1,8 @@
 """The `tbptt` command's `train` and `parity` subcommands: complete help, a tiny training run
 whose JSON log and PNG hold what was printed, a port check that passes a correct port and
-fails a wrong one naming update 1 and the parameter, and the progress bar."""
+fails a wrong one naming update 1 and the parameter, loads the user's files as Python runs
+them (siblings import; any failure a one-line error, status 2), checks a token model on
+token ids, and the progress bar."""
 
 import argparse
 import io
@@ -8,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib.image
@@ -15,12 +18,14 @@ import numpy as np
 import pytest
 
 import tbptt_parity
+from tbptt.loading import load_object
 from tbptt_cli import cli
 from tbptt_cli.commands import parity, train
 from tbptt_cli.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = ROOT / "examples" / "port_check.py"
+TOKENS = ROOT / "tests" / "fixtures" / "token_port.py"
 
 
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -191,6 +196,96 @@ def test_parity_takes_data_from_a_file_of_ones_own(tmp_path, capsys):
 def test_parity_names_a_bad_port_spec_with_status_2(specs, message, capsys):
     assert cli.main(["parity", *specs]) == 2
     assert message in capsys.readouterr().err
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_parity_runs_a_file_as_python_does_so_its_sibling_modules_import(tmp_path, capsys):
+    write(tmp_path / "sizes.py", "HIDDEN = 6\n")
+    port = write(tmp_path / "my_port.py", """\
+        import sizes
+        from examples.port_check import Forecaster, forecaster_apply
+
+
+        def model():
+            return Forecaster(hidden_size=sizes.HIDDEN)
+        """)
+    status = cli.main(["parity", f"{port}:model", f"{port}:forecaster_apply", "--steps", "10",
+                       "--batch", "2"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "(Forecaster, 212 parameters)" in printed  # 3 * 6 * (3 + 6 + 2) + 6 * 2 + 2
+
+
+@pytest.mark.parametrize(("source", "specs", "message"), [
+    ("import no_such_module_for_tbptt\n", ("model", "apply"),
+     "running {name} raised ModuleNotFoundError: No module named 'no_such_module_for_tbptt'"),
+    ("def model():\n    raise RuntimeError('no weights here')\n\napply = print\n",
+     ("model", "apply"), "{spec}:model': calling it raised RuntimeError: no weights here"),
+    ("from examples.port_check import Forecaster, forecaster_apply\n\n"
+     "def data():\n    raise OSError('the disk is gone')\n",
+     ("Forecaster", "forecaster_apply", "--data", "data"),
+     "--data '{spec}:data': calling it raised OSError: the disk is gone"),
+], ids=["import-error", "factory-raises", "data-raises"])
+def test_parity_says_what_failed_in_ones_own_module_with_status_2(tmp_path, capsys, source,
+                                                                    specs, message):
+    module = write(tmp_path / "broken_port.py", source)
+    torch_spec, jax_spec, *data = specs
+    arguments = [f"{module}:{torch_spec}", f"{module}:{jax_spec}"]
+    if data:
+        arguments += [data[0], f"{module}:{data[1]}"]
+    assert cli.main(["parity", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert message.format(name=module.name, spec=module) in error
+    assert len(error.strip().splitlines()) == 1 and "Traceback" not in error
+
+
+def test_parity_random_data_calls_forward_with_a_carry(tmp_path, capsys):
+    port = write(tmp_path / "strict_port.py", """\
+        from examples.port_check import Forecaster, forecaster_apply
+
+
+        class Strict(Forecaster):
+            def forward(self, xs, carry):  # no default carry, as the docs allow
+                return super().forward(xs, carry)
+        """)
+    status = cli.main(["parity", f"{port}:Strict", f"{port}:forecaster_apply", "--steps", "10",
+                       "--batch", "2"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "data    xs [10, 2, 3], ys [10, 2, 2], random (seed 0)" in printed
+
+
+def test_parity_checks_a_token_model_on_random_token_ids(capsys):
+    status = cli.main(["parity", f"{TOKENS}:TokenForecaster",
+                       f"{TOKENS}:token_forecaster_apply", "--loss", "cross_entropy",
+                       "--steps", "12", "--batch", "3", "--k1", "4"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "data    xs [12, 3] token ids, ys [12, 3], random (seed 0)" in printed
+    assert "OK: the port agrees with torch over all 3 updates to 1e-10" in printed
+    xs, _ = tbptt_parity.random_data(load_object(f"{TOKENS}:TokenForecaster")(), steps=5,
+                                     batch_size=2, vocab_size=4, loss_fn="cross_entropy")
+    assert xs.shape == (5, 2) and xs.dtype.kind == "i" and xs.max() < 4
+
+
+def test_parity_reads_token_data_from_an_npz_file(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tokens.npz"
+    np.savez(data, xs=rng.integers(0, 7, (9, 2)), ys=rng.integers(0, 7, (9, 2)))
+    status = cli.main(["parity", f"{TOKENS}:TokenForecaster",
+                       f"{TOKENS}:token_forecaster_apply", "--loss", "cross_entropy",
+                       "--data", str(data), "--k1", "3"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert f"data    xs [9, 2] token ids, ys [9, 2] from {data}" in printed
+    np.savez(data, inputs=np.zeros((9, 2)))
+    assert cli.main(["parity", f"{TOKENS}:TokenForecaster",
+                     f"{TOKENS}:token_forecaster_apply", "--data", str(data)]) == 2
+    assert "must hold the arrays xs and ys, has ['inputs']" in capsys.readouterr().err
 
 
 class Clock:

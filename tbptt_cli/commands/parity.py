@@ -7,11 +7,13 @@ itself, if its arguments have defaults); the module runs `forward(xs, carry) -> 
 carry)` over time-major `xs[T, B, ...]` and has `initial_carry(batch_size)`. JAX_APPLY
 names your port, `apply(params, carry, xs) -> (carry, preds)`, which reads `params` by the
 module's `state_dict()` names (`params["gru.weight_hh_l0"]`, ...) and takes the carry in
-torch's layout. Either may be `package.module:NAME` instead of a file.
+torch's layout. Either may be `package.module:NAME` instead of a file; a file is run as
+`python FILE` runs it, its own folder first on the import path.
 
 The module is built with torch seeded by --seed, its weights are copied to JAX, and both
-are trained with TBPTT(k1, k2) on the same data (random data shaped for the module, or
-what --data returns) for --updates updates, with the same loss and optimizer. The report
+are trained with TBPTT(k1, k2) on the same data (random data shaped for the module: token
+ids for a module with an nn.Embedding or with --vocab-size, float features otherwise; or
+your own, from --data) for --updates updates, with the same loss and optimizer. The report
 shows, per update, both losses, the relative gap of the losses and the largest gradient
 and parameter gaps; it stops at the first update where a gap exceeds the tolerance and
 names the parameter whose gradient is furthest apart there, with every parameter's gaps.
@@ -37,11 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FILE.py:NAME or MODULE:NAME of the JAX apply function "
                              "(params, carry, xs) -> (carry, preds)")
     data = parser.add_argument_group("data")
-    data.add_argument("--data", metavar="FILE.py:NAME", default=None,
+    data.add_argument("--data", metavar="FILE.py:NAME|FILE.npz", default=None,
                       help="a callable of no arguments returning (xs[T, B, ...], ys) as "
-                           "numpy arrays; default: random data shaped for the module "
-                           "(xs ~ N(0, 1); ys ~ N(0, 1) of the module's output shape for "
-                           "mse, class labels for cross_entropy)")
+                           "numpy arrays, or an .npz file holding the arrays xs and ys (xs "
+                           "floats, or integer token ids [T, B]); default: random data "
+                           "shaped for the module (xs ~ N(0, 1), or token ids; ys ~ N(0, 1) "
+                           "of the module's output shape for mse, class labels for "
+                           "cross_entropy)")
     data.add_argument("--steps", type=int, default=20,
                       help="time steps T of the random data (default: %(default)s)")
     data.add_argument("--batch", type=int, default=4,
@@ -49,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--input-size", type=int, default=None,
                       help="features of each input step of the random data (default: the "
                            "input size of the module's first nn.RNN/GRU/LSTM or nn.Linear)")
+    data.add_argument("--vocab-size", type=int, default=None,
+                      help="random data of integer token ids [T, B] below this, for a "
+                           "module that embeds tokens (default: the size of the module's "
+                           "first nn.Embedding, if it has one)")
     training = parser.add_argument_group("training")
     training.add_argument("--k1", type=int, default=5,
                           help="steps between updates (default: %(default)s)")
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import tbptt_parity
+    from tbptt.loading import load_data
 
     try:
         model, apply_fn = tbptt_parity.load_port(args.torch_factory, args.jax_apply,
@@ -101,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
         if args.data is None:
             xs, ys = tbptt_parity.random_data(model, steps=args.steps, batch_size=args.batch,
                                               loss_fn=args.loss, input_size=args.input_size,
-                                              seed=args.seed)
+                                              vocab_size=args.vocab_size, seed=args.seed)
         else:
-            xs, ys = _load_data(args.data)
+            xs, ys = load_data(args.data, option="--data")
         report = tbptt_parity.compare(
             model, apply_fn, xs=xs, ys=ys, k1=args.k1, k2=args.k2, loss_fn=args.loss,
             optimizer=args.optimizer, lr=args.lr, updates=args.updates, dtype=args.dtype,
@@ -114,21 +123,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"torch   {args.torch_factory} ({type(model).__name__}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
     print(f"jax     {args.jax_apply}")
-    print(f"data    xs {list(np.shape(xs))}, ys {list(np.shape(ys))}"
+    tokens = " token ids" if np.issubdtype(np.asarray(xs).dtype, np.integer) else ""
+    print(f"data    xs {list(np.shape(xs))}{tokens}, ys {list(np.shape(ys))}"
           + (f" from {args.data}" if args.data else f", random (seed {args.seed})"))
     print(report.format(verbose=args.verbose))
     return 0 if report.ok else 1
 
-
-def _load_data(spec: str) -> tuple[object, object]:
-    import tbptt_parity
-
-    data = tbptt_parity.load_object(spec)
-    if not callable(data):
-        raise ValueError(f"--data {spec!r} must name a callable returning (xs, ys), got "
-                         f"{type(data).__name__}")
-    result = data()
-    if not (isinstance(result, tuple) and len(result) == 2):
-        raise ValueError(f"--data {spec!r} must return a pair (xs, ys), got "
-                         f"{type(result).__name__}")
-    return result
