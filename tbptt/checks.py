@@ -106,6 +106,14 @@ def check_resets(shape: Sequence[int], dtype: str, is_bool: bool,
                          f"{dtype} of shape {tuple(shape)}")
 
 
+def check_mask(shape: Sequence[int], dtype: str, is_weight_type: bool,
+               sequence: tuple[int, int]) -> None:
+    """`mask` must be `[T, B]`, bool or float weights; `dtype` as the framework names it."""
+    if tuple(shape) != tuple(sequence) or not is_weight_type:
+        raise ValueError(f"mask must be bool or float weights of shape [T, B] = "
+                         f"{tuple(sequence)}, got {dtype} of shape {tuple(shape)}")
+
+
 def check_carry(expected: object, got: object, batch_size: int) -> None:
     """A carry, described leaf by leaf as `dtype[shape]` in its structure, must be the one
     the model declares for this batch size."""

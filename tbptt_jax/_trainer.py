@@ -44,6 +44,7 @@ from tbptt.checks import (
     check_choice,
     check_float_dtypes,
     check_k,
+    check_mask,
     check_overlap,
     check_param_shapes,
     check_resets,
@@ -243,8 +244,9 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         finite = jnp.isfinite(loss) & _all_finite(grads)
         keep = partial(jax.tree.map, lambda new, old: jnp.where(finite & (weight > 0), new, old))
         params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
-        record = _Record(loss, ~finite, weight, grads if config.trace else None,
-                         params if config.trace else None)
+        # An update with no weight has no loss: NaN, as torch reports it.
+        record = _Record(jnp.where(weight > 0, loss, jnp.nan), ~finite, weight,
+                         grads if config.trace else None, params if config.trace else None)
         return params, opt_state, handoff_carry, record
 
     params, opt_state, carry = state.params, state.opt_state, initial_carry
@@ -444,10 +446,9 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
     if resets is not None:
         check_resets(np.shape(resets), np.dtype(resets.dtype).name,
                      resets.dtype == np.bool_, sequence)
-    if mask is not None and (np.shape(mask) != sequence or not (
-            mask.dtype == np.bool_ or jnp.issubdtype(mask.dtype, jnp.floating))):
-        raise ValueError(f"mask must be bool or float weights of shape [T, B] = {sequence}, "
-                         f"got {np.dtype(mask.dtype).name} of shape {np.shape(mask)}")
+    if mask is not None:
+        check_mask(np.shape(mask), np.dtype(mask.dtype).name,
+                   mask.dtype == np.bool_ or jnp.issubdtype(mask.dtype, jnp.floating), sequence)
     if config.overlap:
         expected = jax.tree.map(lambda leaf: (config.overlap, *leaf.shape[1:]), xs)
         if jax.tree.structure(state.overlap) != jax.tree.structure(xs) or jax.tree.map(
@@ -540,7 +541,7 @@ def tbptt_train_step(
         model's zero carry before that step, in every window containing it.
       mask: optional `[T, B]`, bool or float weights of the loss terms (padding: 0).
         "sum" adds `w * l`, "mean" divides that by the weights' sum; an update whose terms
-        all weigh 0 makes no optimizer step (`metrics["weight"]` is 0 for it).
+        all weigh 0 makes no optimizer step: its loss is NaN and `metrics["weight"]` 0.
       key: a PRNG key for `apply_fn` (dropout); update u of this call runs the model with
         `key=fold_in(fold_in(key, updates_done + u), offset)`, offset being where the
         model call starts in the window.

@@ -24,6 +24,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,7 @@ from tbptt.checks import (
     check_choice,
     check_float_dtypes,
     check_k,
+    check_mask,
     check_overlap,
     check_resets,
     check_sequences,
@@ -67,12 +69,14 @@ def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
     return carry, preds
 
 
-def _window_loss(model, start_carry, window_xs, window_resets, targets, update: Update,
-                 loss_fn, reduction, xs_shape) -> tuple[torch.Tensor, Carry]:
-    """The loss of one update and the carry it hands on.
+def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
+                 update: Update, loss_fn, reduction, batch: int, xs: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, Carry]:
+    """`(loss, weight, carry)`: the loss of one update, the weight of its terms, and the
+    carry it hands on.
 
-    The first update of a call checks what it runs: the model on the carry and xs (of
-    shape `xs_shape`) it is given, and the carry it returns; every update checks what
+    The first update of a call checks what it runs: the model on the carry and xs (`xs`
+    describes them) it is given, and the carry it returns; every update checks what
     `loss_fn` returns. All of it before the update's optimizer step.
     """
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
@@ -80,28 +84,52 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, update: 
 
     def run(carry, lo, hi):
         resets = None if window_resets is None else window_resets[lo:hi]
-        return _run_model(model, carry, window_xs[lo:hi], resets)
+        return _run_model(model, carry, _steps(window_xs, lo, hi), resets)
 
     first = update.index == 0
     try:
-        handoff_carry, preds = run_window(run, start_carry, update.shape, torch.cat)
+        handoff_carry, preds = run_window(run, start_carry, update.shape, _concatenate)
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         if not first:
             raise
-        raise model_fails(_describe(start_carry), str(tuple(xs_shape)), error) from error
+        raise model_fails(_describe(start_carry), xs, error) from error
     if first and _describe(handoff_carry) != _describe(start_carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
                          f"{_describe(start_carry)}, the model returns "
                          f"{_describe(handoff_carry)}")
+    if weights is not None:
+        # Masked terms add nothing, whatever their targets hold: they are replaced before the
+        # loss sees them, so not even a NaN target can reach the gradient.
+        counted = weights != 0
+        targets = tree.map_leaves(lambda leaf: torch.where(
+            counted.view(counted.shape + (1,) * (leaf.ndim - 2)), leaf,
+            torch.zeros_like(leaf)), targets)
     losses = loss_fn(preds, targets)
-    expected = (update.loss_length, window_xs.shape[1])
+    expected = (update.loss_length, batch)
     if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != expected:
         got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
         raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
                          f"shape {expected} for this window's {update.loss_length} loss "
                          f"steps, got {got}")
-    loss = losses.mean() if reduction == "mean" else losses.sum()
-    return loss, _detach(handoff_carry)
+    if weights is None:
+        weight = torch.tensor(float(losses.numel()), dtype=losses.dtype)
+        loss = losses.mean() if reduction == "mean" else losses.sum()
+    else:
+        weights = weights.to(losses.dtype)
+        loss = torch.where(counted, weights * losses, torch.zeros_like(losses)).sum()
+        weight = weights.sum()
+        if reduction == "mean":
+            loss = loss / torch.where(weight > 0, weight, torch.ones_like(weight))
+    return loss, weight, _detach(handoff_carry)
+
+
+def _steps(data: Any, lo: int, hi: int) -> Any:
+    """Steps `[lo, hi)` of every tensor of `data`."""
+    return tree.map_leaves(lambda leaf: leaf[lo:hi], data)
+
+
+def _concatenate(pieces: list[Any]) -> Any:
+    return tree.map_leaves(lambda *leaves: torch.cat(leaves), pieces[0], *pieces[1:])
 
 
 def _gradients_finite(model: nn.Module) -> bool:
@@ -122,6 +150,7 @@ def tbptt_train_step(
     reduction: str = "mean",
     tail: str = "partial",
     resets: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     on_nonfinite: str = "raise",
     on_update: OnUpdate | None = None,
     clip_grad_norm: float | None = None,
@@ -134,13 +163,15 @@ def tbptt_train_step(
       optimizer: any `torch.optim.Optimizer` over the model's parameters.
       carry: the state before the first step; None for the model's zero carry; or the carry
         a previous call returned, to continue the stream (an `OverlapCarry` if k2 > k1).
-      xs: inputs, time-major `[T, B, ...]`.
-      ys: targets, `[T, B, ...]` with the same T and B.
+      xs: inputs, time-major: a tensor `[T, B, ...]` (floats or integer token ids), or
+        tensors in nested tuples, lists and dicts; numpy arrays are taken too.
+      ys: targets, `[T, B, ...]` with the same T and B (or a structure of them).
       loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_torch.losses.mse`.
-      k1, k2, reduction, tail, resets, on_nonfinite: as in `tbptt_jax.tbptt_train_step`.
-        With on_nonfinite="raise", the updates before the failing one stay applied (the
-        model is trained in place); the failing one is not. With "skip", a skipped update's
-        entry in `losses` is NaN, so `losses.isnan()` marks exactly the skipped updates.
+      k1, k2, reduction, tail, resets, mask, on_nonfinite: as in
+        `tbptt_jax.tbptt_train_step`. With on_nonfinite="raise", the updates before the
+        failing one stay applied (the model is trained in place); the failing one is not.
+        `losses.isnan()` marks exactly the updates that made no optimizer step: those
+        skipped with "skip" and those whose loss terms the mask weighs all 0.
       on_update: optional `f(update_index, loss, model)`, called after each update's
         optimizer step; the update's gradients are still in `p.grad` (clipped, if
         `clip_grad_norm` clipped them). To step an LR scheduler once per update, as optax
@@ -162,33 +193,41 @@ def tbptt_train_step(
     check_choice("tail", tail, TAILS)
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
     _check_clip_grad_norm(clip_grad_norm)
-    _check_sequences(xs, ys, resets)
+    device = next(model.parameters()).device
+    xs, ys = _as_tensors(xs, "xs", device), _as_tensors(ys, "ys", device)
+    resets, mask = (None if value is None else _as_tensors(value, name, device)
+                    for name, value in (("resets", resets), ("mask", mask)))
+    length, batch = _check_sequences(xs, ys, resets, mask)
     state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
     _check_dtypes(model, state, xs)
-    _check_declared_carry(model, state, xs.shape[1])
-    schedule = plan(xs.shape[0], k1, k2, tail=tail, history=history_xs.shape[0])
+    _check_declared_carry(model, state, batch)
+    history = tree.leaves(history_xs)[0][1].shape[0]
+    schedule = plan(length, k1, k2, tail=tail, history=history)
 
-    ext_xs = torch.cat([history_xs, xs]) if schedule.history else xs
+    ext_xs = _concatenate([history_xs, xs]) if history else xs
     ext_resets = None
     if resets is not None or history_resets is not None:
         if resets is None:
-            resets = torch.zeros(xs.shape[:2], dtype=torch.bool, device=xs.device)
+            resets = torch.zeros((length, batch), dtype=torch.bool, device=device)
         if history_resets is None:
-            history_resets = torch.zeros(history_xs.shape[:2], dtype=torch.bool,
-                                         device=xs.device)
-        ext_resets = torch.cat([history_resets, resets]) if schedule.history else resets
+            history_resets = torch.zeros((history, batch), dtype=torch.bool, device=device)
+        ext_resets = torch.cat([history_resets, resets]) if history else resets
 
+    described = _describe_data(xs)
     losses = []
     for update in schedule.updates:
         optimizer.zero_grad(set_to_none=True)
-        window = slice(update.window_start, update.loss_stop)
-        targets = ys[update.loss_start - schedule.history:update.loss_stop - schedule.history]
-        loss, state = _window_loss(
-            model, state, ext_xs[window], None if ext_resets is None else ext_resets[window],
-            targets, update, loss_fn, reduction, xs.shape)
+        owned = slice(update.loss_start - history, update.loss_stop - history)
+        loss, weight, state = _window_loss(
+            model, state, _steps(ext_xs, update.window_start, update.loss_stop),
+            None if ext_resets is None else ext_resets[update.window_start:update.loss_stop],
+            _steps(ys, owned.start, owned.stop), None if mask is None else mask[owned],
+            update, loss_fn, reduction, batch, described)
         loss.backward()
+        if weight == 0:  # every term masked out: no loss, no step
+            losses.append(torch.full_like(loss, torch.nan).detach())
         # A non-finite loss or gradient never reaches the parameters or the optimizer state.
-        if torch.isfinite(loss) and _gradients_finite(model):
+        elif torch.isfinite(loss) and _gradients_finite(model):
             if clip_grad_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
@@ -205,14 +244,14 @@ def tbptt_train_step(
     advance = slice(schedule.carry_after_updates, schedule.final_carry_at)
     if advance.stop > advance.start:
         with torch.no_grad():
-            state, _ = _run_model(model, state, ext_xs[advance],
+            state, _ = _run_model(model, state, _steps(ext_xs, advance.start, advance.stop),
                                   None if ext_resets is None else ext_resets[advance])
     loss_dtype = next(model.parameters()).dtype
     losses_out = torch.stack(losses) if losses else torch.zeros(0, dtype=loss_dtype)
     if k2 == k1:
         return state, losses_out
     tail_steps = slice(schedule.final_carry_at, None)
-    return OverlapCarry(state, ext_xs[tail_steps],
+    return OverlapCarry(state, _steps(ext_xs, tail_steps.start, None),
                         None if ext_resets is None else ext_resets[tail_steps]), losses_out
 
 
@@ -225,34 +264,70 @@ def _check_clip_grad_norm(clip_grad_norm: object) -> None:
                          f"got {clip_grad_norm!r}")
 
 
-def _check_sequences(xs: Any, ys: Any, resets: Any) -> None:
-    for name, value in (("xs", xs), ("ys", ys)):
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor [T, B, ...], got "
-                             f"{type(value).__name__}")
-    sequence = check_sequences({"xs": xs.shape}, {"ys": ys.shape})
-    if resets is None:
-        return
-    if not isinstance(resets, torch.Tensor):
-        raise ValueError(f"resets must be a bool torch.Tensor of shape [T, B] = {sequence}, "
-                         f"got {type(resets).__name__}")
-    check_resets(resets.shape, str(resets.dtype), resets.dtype == torch.bool, sequence)
+def _as_tensors(data: Any, name: str, device: torch.device) -> Any:
+    """Tensors in nested tuples, lists and dicts as given; numpy arrays (and a nested list
+    of numbers, which is one array) become tensors on the model's device."""
+    if isinstance(data, list):
+        array = np.asarray(data)
+        if array.dtype != object:
+            return torch.as_tensor(array, device=device)
+    found = tree.leaves(data)
+    if not found:
+        raise ValueError(f"{name} must hold at least one tensor, got {data!r}")
+    for path, leaf in found:
+        if not isinstance(leaf, (torch.Tensor, np.ndarray)):
+            raise ValueError(f"{name} must be torch tensors or numpy arrays in tuples, lists "
+                             f"or dicts, got {type(leaf).__name__} at {name}{path}")
+    return tree.map_leaves(
+        lambda leaf: leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(
+            leaf, device=device), data)
+
+
+def _named_shapes(data: Any, name: str) -> dict[str, tuple[int, ...]]:
+    return {name + path: tuple(leaf.shape) for path, leaf in tree.leaves(data)}
+
+
+def _describe_data(data: Any) -> str:
+    """A tensor's shape, or a structure's tensors as `dtype[shape]`."""
+    if isinstance(data, torch.Tensor):
+        return str(tuple(data.shape))
+    return str(_describe(data))
+
+
+def _check_sequences(xs: Any, ys: Any, resets: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> tuple[int, int]:
+    sequence = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
+    if resets is not None:
+        if not isinstance(resets, torch.Tensor):
+            raise ValueError(f"resets must be a bool tensor of shape [T, B] = {sequence}, got "
+                             f"{type(resets).__name__}")
+        check_resets(resets.shape, str(resets.dtype), resets.dtype == torch.bool, sequence)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a tensor of shape [T, B] = {sequence}, got "
+                             f"{type(mask).__name__}")
+        check_mask(mask.shape, str(mask.dtype),
+                   mask.dtype == torch.bool or mask.is_floating_point(), sequence)
+    return sequence
 
 
 def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: int
                  ) -> tuple[Carry, torch.Tensor, torch.Tensor | None]:
     """(model state, overlap inputs, overlap resets) from what the caller passed."""
-    history_xs, history_resets = xs[:0], None
+    history_xs, history_resets = _steps(xs, 0, 0), None
     if isinstance(carry, OverlapCarry):
         carry, history_xs, history_resets = carry
-        check_overlap(history_xs.shape,
-                      None if history_resets is None else history_resets.shape, xs.shape, k1, k2)
+        for (_, history), (_, leaf) in zip(tree.leaves(history_xs), tree.leaves(xs),
+                                           strict=True):
+            check_overlap(history.shape,
+                          None if history_resets is None else history_resets.shape,
+                          leaf.shape, k1, k2)
     initial_carry = getattr(model, "initial_carry", None)
     if carry is None:
         if initial_carry is None:
             raise ValueError("carry: None means the model's zero carry, but the model has no "
                              "initial_carry(batch_size) method; pass the carry explicitly")
-        return initial_carry(xs.shape[1]), history_xs, history_resets
+        return initial_carry(tree.leaves(xs)[0][1].shape[1]), history_xs, history_resets
     found = tree.leaves(carry)
     if not found:
         raise ValueError(f"carry must hold at least one tensor, got {carry!r}")
@@ -275,5 +350,6 @@ def _check_dtypes(model: nn.Module, carry: Carry, xs: torch.Tensor) -> None:
         return {str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}
 
     check_float_dtypes(floating(model.parameters()),
-                       floating(leaf for _, leaf in tree.leaves(carry)), floating([xs]),
+                       floating(leaf for _, leaf in tree.leaves(carry)),
+                       floating(leaf for _, leaf in tree.leaves(xs)),
                        hint=" (model.to(dtype) converts the model)")

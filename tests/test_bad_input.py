@@ -306,11 +306,29 @@ def test_numpy_integers_are_accepted_for_k1_and_k2(framework):
     np.testing.assert_array_equal(losses(numpy_ints), losses(plain))
 
 
-def test_torch_resets_must_be_a_tensor():
+@pytest.mark.parametrize("framework", list(TRAINERS))
+def test_numpy_and_list_data_train_as_arrays_do(framework):
+    """Both trainers take xs, ys, resets and mask as numpy arrays or nested lists too."""
+    resets = np.zeros((STEPS, BATCH), bool)
+    resets[3, 1] = True
+    mask = np.ones((STEPS, BATCH))
+    mask[4, 0] = 0.0
+    losses = (lambda out: np.asarray(out[3]["loss"])) if framework == "jax" else (
+        lambda out: out[1].numpy())
+    trainer = TRAINERS[framework]()
+    native = losses(trainer.call(xs=trainer.array(XS), ys=trainer.array(YS),
+                                 resets=trainer.array(resets), mask=trainer.array(mask)))
+    plain = losses(TRAINERS[framework]().call(xs=XS, ys=YS.tolist(), resets=resets,
+                                              mask=mask.tolist()))
+    np.testing.assert_array_equal(plain, native)
+
+
+def test_torch_resets_must_be_arrays():
     trainer = TorchTrainer()
     with pytest.raises(ValueError, match=re.escape(
-            "resets must be a bool torch.Tensor of shape [T, B] = (5, 2), got ndarray")):
-        trainer.call(resets=np.zeros((STEPS, BATCH), bool))
+            "resets must be torch tensors or numpy arrays in tuples, lists or dicts, got str "
+            "at resets")):
+        trainer.call(resets="none")
     trainer.assert_unchanged()
 
 
