@@ -350,7 +350,7 @@ def test_the_program_does_not_grow_with_k2_over_k1(k1, k2s):
             models.jax_model.initial_carry(BATCH, jnp.float64), xs, ys, apply_fn=apply,
             loss_fn=tbptt_jax.losses.mse, optimizer=optimizer, k1=k1, k2=k2)
         traces.append(count[0])
-    assert traces[0] == traces[1] <= 8, traces
+    assert traces[0] == traces[1] <= 10, traces
 
 
 # (h) ------------------------------------------------------------------------------------

@@ -218,25 +218,35 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         extra = () if part_resets is None else (part_resets,)
         return config.apply_fn(params, carry, part_xs, *extra, **kwargs)
 
-    def update(params, opt_state, start_carry, window_start, index, *, loss_steps):
+    def update(params, opt_state, start_carry, window_start, index, *, loss_steps,
+               padded=True):
         """One TBPTT update: forward over its window, gradient, one optimizer step."""
         window = _windows.take(inputs, window_start, overlap + loss_steps)
         targets = _windows.take(ys, window_start, loss_steps)
         weights = None if mask is None else _windows.take(mask, window_start, loss_steps)
         key = update_key(index)
 
-        def loss_of(params):
-            # Truncation: the window starts from a constant; no gradient reaches earlier steps.
-            handoff_carry, preds = _windows.run_window(
-                partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
-                jax.lax.stop_gradient(initial_carry), window, pad_at(window_start),
-                loss_steps=loss_steps, handoff=loss_steps,
-                chunk=_windows.chunk_size(k1, overlap, loss_steps))
-            loss, weight = _reduce(config.loss_fn, preds, targets, weights, config.reduction)
-            return loss, (weight, handoff_carry)
+        pad = pad_at(window_start) if padded else None
+        runs = _windows.RUNS if pad is not None else _windows.RUNS[:1]
+        geometry = dict(loss_steps=loss_steps, handoff=loss_steps,
+                        chunk=_windows.chunk_size(k1, overlap, loss_steps))
 
-        (loss, (weight, handoff_carry)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            params)
+        def gradient(run):
+            def loss_of(params):
+                # Truncation: the window starts from a constant; no gradient reaches
+                # earlier steps.
+                handoff_carry, preds = run(
+                    partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
+                    jax.lax.stop_gradient(initial_carry), window, pad, **geometry)
+                loss, weight = _reduce(config.loss_fn, preds, targets, weights,
+                                       config.reduction)
+                return loss, (weight, handoff_carry)
+            return lambda: jax.value_and_grad(loss_of, has_aux=True)(params)
+
+        branches = [gradient(run) for run in runs]
+        (loss, (weight, handoff_carry)), grads = (
+            branches[0]() if len(branches) == 1 else
+            jax.lax.switch(_windows.which(pad, loss_steps), branches))
         updates, new_opt_state = config.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss or gradient never reaches the parameters or the optimizer state;
@@ -251,13 +261,20 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
 
     params, opt_state, carry = state.params, state.opt_state, initial_carry
     records = []
-    if full_updates:
-        def scanned(loop, index):
-            params, opt_state, carry, record = update(*loop, index * k1, index, loss_steps=k1)
+    # Only the windows of the first (k2 - k1) / k1 updates can reach before the stream's
+    # start: the others run the steady state's window alone, with no choice to make.
+    may_pad = min(full_updates, -(-overlap // k1))
+    for first, stop, padded in ((0, may_pad, True), (may_pad, full_updates, False)):
+        if stop == first:
+            continue
+
+        def scanned(loop, index, padded=padded):
+            params, opt_state, carry, record = update(*loop, index * k1, index, loss_steps=k1,
+                                                      padded=padded)
             return (params, opt_state, carry), record
 
         (params, opt_state, carry), record = jax.lax.scan(
-            scanned, (params, opt_state, carry), jnp.arange(full_updates))
+            scanned, (params, opt_state, carry), jnp.arange(first, stop))
         records.append(record)
     if partial_tail:
         params, opt_state, carry, record = update(
@@ -268,12 +285,15 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         # params, from the last hand-off to where the next call's first window starts.
         position = full_updates * k1
         key = update_key(full_updates)
-        carry, _ = _windows.run_window(
-            partial(apply_part, params, None if key is None else jax.random.fold_in(
-                key, config.k2)),
-            carry, initial_carry, _windows.take(inputs, position, remainder),
-            pad_at(position), loss_steps=0, handoff=remainder,
-            chunk=_windows.chunk_size(k1, overlap, remainder))
+        pad = pad_at(position)
+        runs = _windows.RUNS if pad is not None else _windows.RUNS[:1]
+        apply = partial(apply_part, params,
+                        None if key is None else jax.random.fold_in(key, config.k2))
+        branches = [partial(run, apply, carry, initial_carry,
+                            _windows.take(inputs, position, remainder), pad, 0, remainder,
+                            _windows.chunk_size(k1, overlap, remainder)) for run in runs]
+        carry, _ = (branches[0]() if len(branches) == 1 else
+                    jax.lax.switch(_windows.which(pad, remainder), branches))
 
     if records:
         record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)

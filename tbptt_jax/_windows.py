@@ -3,19 +3,25 @@
 Every window of a call has the same length: k2 steps for an update that owns k1 (the
 k2 - k1 overlap steps, then its loss steps), k2 - k1 + r for a last update of r < k1 steps.
 A window near a stream's start would reach before the stream's first step; it is then
-*front-padded*: its first `pad` steps lie outside the stream, and the carry is held at the
-stream's initial carry over them. One traced window thus serves every update, clipped or
-not, in the first call of a stream or a later one, so compile time does not grow with
-(k2 - k1) / k1 and a stream's calls share one program.
+*front-padded*: its first `pad` steps lie outside the stream, and the model starts from
+the stream's initial carry at the first step inside it. One traced window thus serves
+every update, clipped or not, in the first call of a stream or a later one, so compile
+time does not grow with (k2 - k1) / k1 and a stream's calls share one program.
 
-Two ways to run a window give the same values and gradients:
-- `_run_fast`: the model over the window in one call (two, split at the hand-off), for a
-  window with no pad, the steady state;
-- `_run_held`: the model over the window in chunks, a `lax.cond` per chunk that holds the
-  initial carry over the pad without running the model there (so nothing it would compute
-  on the pad can reach a gradient). It makes one model call per chunk, so it serves only
-  padded windows: those of a stream's first (k2 - k1) / k1 updates.
-`run_window` picks one per window with a `lax.cond` on the pad.
+Three runs of a window give the same values and gradients; `RUNS` lists them and `which`
+picks one for a window's pad:
+- `run_fast`: no pad, the steady state: the model over the window in one call (two, split
+  at the hand-off), from the carry the previous update handed on;
+- `run_aligned`: a pad at least as long as the hand-off offset (so the carry handed on is
+  the stream's initial one): the window's steps inside the stream moved to its front, the
+  model over them from the initial carry in one call, then over zeros, whose outputs
+  nothing reads;
+- `run_held`: a pad shorter than that (only a window whose hand-off lies in the stream
+  while its start does not, which a stream fed in segments of k1 steps meets only when k1
+  does not divide k2 - k1): the model over the window in chunks, a `lax.cond` per chunk
+  holding the initial carry over the pad's chunks without running the model there.
+The trainer takes the gradient inside each run and picks among them with `lax.switch`, so
+no run pays for another's residuals.
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ def _zeros(shape: tuple[int, ...], dtype: Any, part: Any) -> Array:
 
 def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps: int,
               handoff: int) -> tuple[Carry, Any]:
+    """`(handoff_carry, preds)`: the carry reached at `handoff` and the predictions of the
+    last `loss_steps` steps."""
     length = leading(inputs)
 
     def run(carry, lo, hi):
@@ -123,32 +131,29 @@ def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Arr
     return handoff_carry, preds
 
 
-def run_window(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
-               pad: Array | None, *, loss_steps: int, handoff: int, chunk: int
-               ) -> tuple[Carry, Any]:
-    """Runs the model over a window of `inputs` (a pytree of `[L, B, ...]`).
+def run_aligned(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry,
+                inputs: Any, pad: Array, loss_steps: int, handoff: int, chunk: int
+                ) -> tuple[Carry, Any]:
+    length = leading(inputs)
+    moved = take(concatenate([inputs, jax.tree.map(jnp.zeros_like, inputs)]), pad, length)
+    _, preds = apply_part(initial_carry, moved, 0)
+    return initial_carry, take(preds, length - pad - loss_steps, loss_steps)
 
-    Args:
-      apply_part: runs the model over part of the window.
-      start_carry: the carry at the window's first step (when it has no pad).
-      initial_carry: the stream's carry at its first step, held over the pad.
-      inputs: the window's inputs, the pad's included.
-      pad: how many of its first steps lie before the stream's start (traced); None where
-        no window can have a pad (k1 = k2).
-      loss_steps: the window's last steps whose predictions are returned.
-      handoff: the offset of the carry handed to the next update.
-      chunk: the held run's chunk length (`chunk_size`).
 
-    Returns:
-      `(handoff_carry, preds)`: the carry reached at `handoff` (the initial carry where
-      that lies in the pad) and the predictions of the last `loss_steps` steps.
-    """
-    def fast():
-        return _run_fast(apply_part, start_carry, inputs, loss_steps, handoff)
+def run_fast(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
+             pad: Array | None, loss_steps: int, handoff: int, chunk: int
+             ) -> tuple[Carry, Any]:
+    return _run_fast(apply_part, start_carry, inputs, loss_steps, handoff)
 
-    if pad is None:
-        return fast()
-    return jax.lax.cond(
-        pad > 0,
-        lambda: _run_held(apply_part, initial_carry, inputs, pad, loss_steps, handoff, chunk),
-        fast)
+
+def run_held(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
+             pad: Array, loss_steps: int, handoff: int, chunk: int) -> tuple[Carry, Any]:
+    return _run_held(apply_part, initial_carry, inputs, pad, loss_steps, handoff, chunk)
+
+
+RUNS = (run_fast, run_aligned, run_held)
+
+
+def which(pad: Array, handoff: int) -> Array:
+    """The index in `RUNS` of the run for a window with `pad` steps of padding."""
+    return jnp.where(pad == 0, 0, jnp.where(pad >= handoff, 1, 2))
