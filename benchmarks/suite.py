@@ -1,6 +1,7 @@
 """The benchmark suite: JAX's TBPTT trainer against four PyTorch ways of doing the same work.
 
-A *benchmark* is one configuration (`CONFIGS`: S, M, M-k2, L, char-rnn, word-LM) with one
+A *benchmark* is one configuration (`CONFIGS`: S, M, M-k2, L, char-rnn, word-LM, recipe,
+recipe-k2) with one
 cell (Elman, GRU, LSTM). For it, torch draws the initial weights once; every
 implementation starts from a copy of them (JAX's through `tbptt_torch.to_jax`) and trains
 on the same float32 data with Adam (lr 1e-3), TBPTT(k1, k2), mean reduction, partial tail.
@@ -110,6 +111,10 @@ CONFIGS: dict[str, Config] = {config.name: config for config in (
            "2 layers, one-hot characters of a 65-symbol vocabulary"),
     Config("word-LM", 200, 200, 10000, 2, 20, 350, 35, 35, "classification",
            "2 layers, 200-wide word embeddings in, a 10000-word softmax out"),
+    Config("recipe", 4, 64, 4, 1, 8, 400, 2, 100, "regression",
+           "the forum's TBPTT(k1, k2) recipe: update every 2 steps, backpropagate 100"),
+    Config("recipe-k2", 4, 64, 4, 1, 8, 400, 100, 100, "regression",
+           "the recipe's model and data with k1 = k2 = 100: its compile time's yardstick"),
 )}
 
 
@@ -959,7 +964,8 @@ def _scaling(out_dir: Path) -> dict[str, Any]:
 
 USAGE = """Benchmark the JAX and PyTorch TBPTT trainers against each other.
 
-Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM) for every chosen cell
+Runs every chosen configuration (S, M, M-k2, L, char-rnn, word-LM, recipe, recipe-k2) for
+every chosen cell
 (Elman, GRU, LSTM) through every chosen implementation (jax, jax-dp: the batch split over
 the cores as XLA CPU devices, torch-hand, torch-fused, torch-ignite, torch-compile;
 torch-cudnn on CUDA), all from the same initial weights and data, interleaved, with

@@ -213,6 +213,10 @@ def test_targets_from_a_hand_made_results_dict():
             _benchmark("L", "lstm", jax=_entry(1.0, gflops=80.0), torch_fused=_entry(1.0)),
             _benchmark("L", "gru", jax=_entry(1.0, gflops=10.0),
                        torch_fused={"status": "skipped", "reason": "x"}),
+            _benchmark("recipe", "lstm", jax=_entry(1.0, compile_s=2.5),
+                       torch_fused=_entry(2.0)),
+            _benchmark("recipe-k2", "lstm", jax=_entry(1.0, compile_s=1.0),
+                       torch_fused=_entry(1.0)),
         ],
         "memory_scaling": {"ratio": {"jax": 1.05, "torch": 1.2}},
     }
@@ -225,6 +229,8 @@ def test_targets_from_a_hand_made_results_dict():
         ("fused", "M lstm", 0.9, False), ("compile-M", "M lstm", 6.0, False),
         ("fused", "L lstm", 1.0, True), ("matmul-L", "L lstm", 0.8, True),
         ("fused", "L gru", None, None),
+        ("fused", "recipe lstm", 2.0, True), ("compile-recipe", "recipe lstm", 2.5, True),
+        ("fused", "recipe-k2 lstm", 1.0, True),
         ("memory", "jax", 1.05, True), ("memory", "torch", 1.2, False),
     ]
     # The per-round ratios of M lstm are 0.9, 0.5 and 1.2; elsewhere no times were given.
@@ -251,7 +257,8 @@ def test_bench_options_defaults_quick_and_errors(capsys):
     suite.add_arguments(parser)
     options = suite._options(parser.parse_args([]))
     assert {c.name: c.steps for c in options["configs"]} == {
-        "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175}
+        "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175,
+        "recipe": 400, "recipe-k2": 400}
     assert options["implementations"] == ["jax", "jax-dp", "torch-hand", "torch-fused",
                                           "torch-ignite", "torch-compile"]
     assert (options["repeats"], options["warmup"], options["memory_steps"]) == \
@@ -260,7 +267,8 @@ def test_bench_options_defaults_quick_and_errors(capsys):
 
     quick = suite._options(parser.parse_args(["--quick", "--steps", "M=150"]))
     assert {c.name: c.steps for c in quick["configs"]} == {
-        "S": 200, "M": 150, "M-k2": 100, "L": 100, "char-rnn": 100, "word-LM": 70}
+        "S": 200, "M": 150, "M-k2": 100, "L": 100, "char-rnn": 100, "word-LM": 70,
+        "recipe": 40, "recipe-k2": 200}
     assert (quick["repeats"], quick["memory_steps"], quick["matmul_size"]) == \
         (3, (1000, 10_000), 1024)
     assert suite._options(parser.parse_args(["--configs", "--no-memory"]))["configs"] == []
