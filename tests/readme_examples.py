@@ -1,11 +1,11 @@
 """The README's Python examples, as programs a test can run and check.
 
-Each ```python block of README.md is an `Example`, named after the `## ` section it stands
-in. A `print(...)` line may state its output in a comment, on the same line or on comment
-lines right below it; `check_output` holds what the program printed to those comments:
-words exactly, numbers to `RTOL`, and numbers the comment gives as rounding-level (below
-`TINY` in magnitude, such as a float32 round-off) only to stay that small, since round-off
-differs from CPU to CPU. An exact 0 stays exact.
+Each ```python block of README.md is an `Example`, named after the `## ` or `### `
+section it stands in. A `print(...)` line may state its output in a comment, on the same
+line or on comment lines right below it; `check_output` holds what the program printed to
+those comments: words exactly, numbers to `RTOL`, and numbers the comment gives as
+rounding-level (below `TINY` in magnitude, such as a float32 round-off) only to stay that
+small, since round-off differs from CPU to CPU. An exact 0 stays exact.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Example:
 
 def examples(path: Path = README) -> list[Example]:
     found = []
-    for section in re.split(r"^## ", path.read_text(), flags=re.M)[1:]:
+    for section in re.split(r"^###? ", path.read_text(), flags=re.M)[1:]:
         title = section.splitlines()[0].strip()
         found += [Example(title, source)
                   for source in re.findall(r"```python\n(.*?)```", section, flags=re.S)]
