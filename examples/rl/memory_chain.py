@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,7 +165,8 @@ def make_train(config: Config, memory: bool, *, record: bool = False
     def inputs(obs: Array, prev_action: Array) -> dict[str, Array]:
         return {"obs": obs[None], "prev_action": prev_action[None]}
 
-    def env_step(runner: Runner, _) -> tuple[Runner, Transition]:
+    def env_step(runner: Runner, _) -> tuple[Runner, tuple[Transition, Array]]:
+        """One step of every environment; also the return of each episode it ends (else 0)."""
         params = runner.train.params
         act_carry, out = agent.apply(params, runner.act_carry,
                                      inputs(runner.obs, runner.prev_action), runner.first[None])
@@ -241,9 +244,23 @@ def run(config: Config, memory: bool) -> dict[str, Any]:
 def environment() -> dict[str, Any]:
     return {"python": platform.python_version(), "jax": jax.__version__,
             "jax_platform": jax.devices()[0].platform, "gymnax": _version("gymnax"),
-            "optax": optax.__version__, "machine": platform.machine(),
-            "processor": platform.processor(), "cpus": os.cpu_count(),
+            "optax": optax.__version__, "cpu": _cpu_model(), "cpus": os.cpu_count(),
             "system": platform.platform(), "load_average": os.getloadavg()}
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _dumps(results: dict[str, Any]) -> str:
+    """The results as JSON, each list of numbers (a seed's curve) on one line."""
+    return re.sub(r"\[[^\[\]{}]*\]", lambda match: json.dumps(json.loads(match.group(0))),
+                  json.dumps(results, indent=1)) + "\n"
 
 
 def _version(package: str) -> str:
@@ -278,13 +295,16 @@ def summary(results: dict[str, Any]) -> str:
     config = Config(**results["config"])
     steps = config.rollout_steps * config.num_envs
     tail = max(1, config.iterations // 10)
+    parameters = sum(math.prod(shape) for shape in
+                     make_agent(config, memory=True).param_shapes().values())
     lines = [
         f"MemoryChain-bsuite, memory_length={config.memory_length}: {config.seeds} seeds x "
         f"{config.iterations} rollouts of {config.num_envs} environments x "
         f"{config.rollout_steps} steps ({config.env_steps:,} environment steps per seed); "
-        f"GRU of {config.hidden_size}, TBPTT(k1={config.k1}, k2={config.k2}). "
+        f"both agents a GRU of {config.hidden_size} with {parameters:,} parameters, "
+        f"TBPTT(k1={config.k1}, k2={config.k2}). "
         f"JAX {results['environment']['jax']} on {results['environment']['cpus']} CPU "
-        f"cores ({results['environment']['processor'] or results['environment']['machine']}).",
+        f"cores ({results['environment']['cpu']}).",
         "",
         f"| agent | mean return, first {tail} rollouts | mean return, last {tail} rollouts "
         f"(seeds' range) | environment steps to a mean return of {REACHED} | compile s | "
@@ -364,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         agent = results["agents"][name]
         print(f"{name}: compile {agent['compile_s']:.1f} s, run {agent['run_s']:.1f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.write_text(_dumps(results))
     table = summary(results)
     args.out.with_suffix(".md").write_text(table)
     plot(results, args.plot)
