@@ -23,7 +23,7 @@ from typing import TypeVar
 from tbptt.checks import TAILS, check_choice, check_int, check_k
 
 C = TypeVar("C")  # a framework's carry
-P = TypeVar("P")  # a framework's array of predictions
+P = TypeVar("P")  # a framework's predictions: an array, or a structure of them
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,14 @@ class Schedule:
 
 
 def run_window(run: Callable[[C, int, int], tuple[C, P]], start_carry: C,
-               shape: tuple[int, int, int], concatenate: Callable[[list[P]], P]) -> tuple[C, P]:
+               shape: tuple[int, int, int], concatenate: Callable[[list[P]], P],
+               steps_from: Callable[[P, int], P]) -> tuple[C, P]:
     """Runs the model over one update's window, in either framework.
 
     `run(carry, lo, hi) -> (carry, preds)` runs the steps `[lo, hi)` of the window. The
     window is split at the hand-off, so the carry there can be handed to the next update.
+    `concatenate` joins predictions along time and `steps_from(preds, lo)` keeps their steps
+    from `lo` on, leaf by leaf where the model predicts a structure.
 
     Returns:
       `(handoff_carry, preds)`: the carry reached at the hand-off and the predictions of the
@@ -119,7 +122,7 @@ def run_window(run: Callable[[C, int, int], tuple[C, P]], start_carry: C,
         handoff_carry, preds_before = run(start_carry, 0, handoff)
         _, preds_after = run(handoff_carry, handoff, length)
         preds = concatenate([preds_before, preds_after])
-    return handoff_carry, preds[overlap:]  # type: ignore[index]
+    return handoff_carry, steps_from(preds, overlap)
 
 
 def number_of_updates(length: int, k1: int, tail: str) -> int:

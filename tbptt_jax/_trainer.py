@@ -121,9 +121,10 @@ def trainer(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.GradientTransfo
 
     Args:
       apply_fn: `(params, carry, xs[, resets][, key=]) -> (carry, preds)` over a time-major
-        chunk; it gets `resets` only when the stream has resets and `key` only when the
-        state has a key. A model's bound `apply` (e.g. `tbptt_jax.models.lstm(...).apply`)
-        also lends the trainer the model's `initial_carry` and `param_shapes`.
+        chunk (`preds` an array `[t, B, ...]` or any pytree of them); it gets `resets` only
+        when the stream has resets and `key` only when the state has a key. A model's bound
+        `apply` (e.g. `tbptt_jax.models.lstm(...).apply`) also lends the trainer the
+        model's `initial_carry` and `param_shapes`.
       loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`.
       optimizer: any `optax.GradientTransformation`.
       k1: steps between updates; each update owns k1 loss steps.

@@ -56,6 +56,10 @@ def concatenate(trees: list[Any]) -> Any:
     return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *trees)
 
 
+def _steps_from(tree: Any, start: int) -> Any:
+    return jax.tree.map(lambda leaf: leaf[start:], tree)
+
+
 def chunk_size(*lengths: int) -> int:
     """The chunks of a held window: every pad a stream in segments of k1 can make, the
     hand-off and the window length fall on their boundaries (pass k1, k2 - k1, the hand-off
@@ -82,7 +86,7 @@ def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps
         return apply_part(carry, take(inputs, lo, hi - lo), lo)
 
     return schedule.run_window(run, start_carry, (length, length - loss_steps, handoff),
-                               concatenate)
+                               concatenate, _steps_from)
 
 
 def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Array,

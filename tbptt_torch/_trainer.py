@@ -88,7 +88,8 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
 
     first = update.index == 0
     try:
-        handoff_carry, preds = run_window(run, start_carry, update.shape, _concatenate)
+        handoff_carry, preds = run_window(run, start_carry, update.shape, _concatenate,
+                                          _steps_from)
     except (RuntimeError, TypeError, ValueError, IndexError) as error:
         if not first:
             raise
@@ -128,6 +129,11 @@ def _steps(data: Any, lo: int, hi: int) -> Any:
     return tree.map_leaves(lambda leaf: leaf[lo:hi], data)
 
 
+def _steps_from(data: Any, start: int) -> Any:
+    """Steps `[start, end)` of every tensor of `data`."""
+    return tree.map_leaves(lambda leaf: leaf[start:], data)
+
+
 def _concatenate(pieces: list[Any]) -> Any:
     return tree.map_leaves(lambda *leaves: torch.cat(leaves), pieces[0], *pieces[1:])
 
@@ -159,7 +165,8 @@ def tbptt_train_step(
 
     Args:
       model: `forward(xs, carry[, resets]) -> (preds, carry)` over a time-major chunk, e.g.
-        `tbptt_torch.models.LSTMModel`.
+        `tbptt_torch.models.LSTMModel`; `preds` a tensor `[t, B, ...]` or a structure of
+        them, as `loss_fn` reads it.
       optimizer: any `torch.optim.Optimizer` over the model's parameters.
       carry: the state before the first step; None for the model's zero carry; or the carry
         a previous call returned, to continue the stream (an `OverlapCarry` if k2 > k1).

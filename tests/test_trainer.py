@@ -138,6 +138,87 @@ def test_torch_structured_data_trains_as_the_same_data_packed(lstm, data):
     assert set(carry.xs) == {"obs", "flag"} and tuple(carry.xs["flag"].shape) == (3, B)
 
 
+def test_torch_structured_stream_in_segments_trains_as_one_call(lstm, data):
+    xs, ys, resets = data
+    inputs, targets = structured(xs, ys)
+    runs = []
+    for bounds in ((0, T), (0, 8, T)):
+        model = make_models("lstm", IN + 1, H, OUT, seed=3).torch_model
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        carry, losses = None, []
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            carry, segment_losses = tbptt_torch.tbptt_train_step(
+                StructuredTorch(model), optimizer, carry,
+                *jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (inputs, targets)),
+                loss_fn=torch_structured_loss, k1=4, k2=7, resets=resets[lo:hi])
+            losses.append(segment_losses.numpy())
+        runs.append((np.concatenate(losses), tbptt_torch.to_jax(model), carry))
+    (whole, whole_params, whole_carry), (streamed, params, carry) = runs
+    np.testing.assert_array_equal(streamed, whole)
+    assert tree_difference(params, whole_params) == 0.0
+    assert tree_difference(carry.state, whole_carry.state) == 0.0
+    for name in ("obs", "flag"):
+        np.testing.assert_array_equal(carry.xs[name].numpy(), whole_carry.xs[name].numpy())
+
+
+# Structured predictions: the model returns a dict, the loss reads it.
+
+def split_preds(preds):
+    return {"first": preds[..., :1], "rest": preds[..., 1:]}
+
+
+def jax_loss_of_split(preds, ys):
+    return ys["w"] * tbptt_jax.losses.mse(
+        jnp.concatenate([preds["first"], preds["rest"]], -1), ys["y"])
+
+
+def torch_loss_of_split(preds, ys):
+    return ys["w"] * tbptt_torch.losses.mse(
+        torch.cat([preds["first"], preds["rest"]], -1), ys["y"])
+
+
+class SplitTorch(StructuredTorch):
+    def forward(self, xs, carry, resets=None):
+        preds, carry = super().forward(xs, carry, resets)
+        return split_preds(preds), carry
+
+
+# One JAX case (a compile each): "drop" runs both window paths and the dropped tail's advance.
+@pytest.mark.parametrize(("framework", "tail"),
+                         [("jax", "drop"), ("torch", "partial"), ("torch", "drop")])
+def test_structured_predictions_train_as_one_array(lstm, data, framework, tail):
+    xs, ys, resets = data
+    inputs, targets = structured(xs, ys)
+    common = dict(k1=5, k2=8, resets=resets, tail=tail)  # T=12: a tail of 2 steps
+    runs = []
+    for split in (False, True):
+        if framework == "jax":
+            plain = jax_structured_apply(lstm.jax_model)
+
+            def apply(params, carry, xs, resets=None, plain=plain, split=split):
+                carry, preds = plain(params, carry, xs, resets)
+                return carry, split_preds(preds) if split else preds
+
+            optimizer = optax.adam(0.01)
+            params, _, _, metrics = tbptt_jax.tbptt_train_step(
+                lstm.params, optimizer.init(lstm.params), lstm.jax_model.initial_carry(B, F64),
+                inputs, targets,
+                apply_fn=apply, loss_fn=jax_loss_of_split if split else jax_structured_loss,
+                optimizer=optimizer, **common)
+            runs.append((jax_losses((None, None, None, metrics)), params))
+        else:
+            model = make_models("lstm", IN + 1, H, OUT, seed=3).torch_model
+            _, losses = tbptt_torch.tbptt_train_step(
+                (SplitTorch if split else StructuredTorch)(model),
+                torch.optim.Adam(model.parameters(), lr=0.01), None, inputs, targets,
+                loss_fn=torch_loss_of_split if split else torch_structured_loss, **common)
+            runs.append((losses.numpy(), tbptt_torch.to_jax(model)))
+    (expected, expected_params), (losses, params) = runs
+    assert losses.shape == ((3,) if tail == "partial" else (2,))
+    np.testing.assert_array_equal(losses, expected)
+    assert tree_difference(params, expected_params) == 0.0
+
+
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_a_structure_whose_leaves_disagree_names_the_leaf(lstm, data, framework):
     xs, ys, _ = data
