@@ -74,7 +74,7 @@ def parity_check(jax_losses: Any, torch_losses: Any, *, checked_updates: int, rt
     model and the learning rate: over hundreds of updates they can grow past 1e-3 without
     anything being wrong. So each of the first `checked_updates` updates must agree to
     `rtol` (over the first 50, the configurations we measured stayed within 1.5e-5, while
-    restarting each call from a zero carry, the classic streaming mistake, differs by 2e-2
+    restarting each call from a zero carry, the classic streaming mistake, differs by ~2e-2
     at the first update of the second call); they span several calls, so the carry handed
     from call to call is checked too. Afterwards the two runs must still reach the same
     loss: the means of their last 10 updates within FINAL_RTOL.
