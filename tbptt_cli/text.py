@@ -5,7 +5,8 @@ The default corpus ships with Python: the public top-level modules of its standa
 is the same on every run of a given Python; `read_corpus` takes a file of one's own
 instead. The alphabet is fixed: newline and the 95 printable ASCII characters, every other
 character (tabs, non-ASCII) sharing one more symbol, so any text encodes. The text is cut
-into B parallel contiguous streams and fed time-major, one-hot, to the next-character task.
+into B parallel contiguous streams (`streams` reads as much as a run needs) and fed
+time-major, one-hot, to the next-character task.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ OTHER = len(ALPHABET)
 VOCAB_SIZE = len(ALPHABET) + 1
 CODES = {char: code for code, char in enumerate(ALPHABET)}
 OTHER_SHOWN_AS = "\N{REPLACEMENT CHARACTER}"
+# Characters of the standard library read when a run says neither how many nor how long.
+DEFAULT_STDLIB_CHARS = 330_000
 
 
 class Corpus(NamedTuple):
@@ -109,3 +112,43 @@ def segments(inputs: np.ndarray, targets: np.ndarray, length: int, dtype: Any = 
     last may be shorter)."""
     for start in range(0, inputs.shape[0], length):
         yield one_hot(inputs[start:start + length], dtype), targets[start:start + length]
+
+
+class Streams(NamedTuple):
+    """The text of a run cut into streams: `updates` updates of k1 steps, in `calls` calls."""
+
+    corpus: Corpus
+    inputs: np.ndarray  # shape=[steps, B], int32: character codes
+    targets: np.ndarray  # shape=[steps, B], int32: the character after each input
+    updates: int
+    calls: int
+    characters: int  # of the text the streams hold: B * (steps + 1)
+
+
+def streams(path: str | Path | None, *, batch_size: int, k1: int, updates_per_call: int,
+            updates: int | None = None, num_chars: int | None = None) -> Streams:
+    """The streams of a run over the file at `path` (None: the standard library).
+
+    With `updates`, the run is that many updates long and reads the characters it needs
+    (or `num_chars`); without, it reads `num_chars` (default: all of a file, or
+    `DEFAULT_STDLIB_CHARS` of the standard library) and makes as many whole calls of
+    `updates_per_call` updates as they give.
+    """
+    segment_length = k1 * updates_per_call
+    if updates is not None:
+        steps = updates * k1
+        num_chars = num_chars or batch_size * (steps + 1)
+    elif num_chars is None and path is None:
+        num_chars = DEFAULT_STDLIB_CHARS
+    corpus = load_corpus(num_chars) if path is None else read_corpus(path, num_chars)
+    if updates is None:
+        calls = (len(corpus.text) // batch_size - 1) // segment_length
+        if calls < 1:
+            raise ValueError(f"{len(corpus.text)} characters are too few for one call: "
+                             f"{batch_size} streams of {segment_length} steps need "
+                             f"{batch_size * (segment_length + 1)}")
+        steps = calls * segment_length
+    inputs, targets = make_streams(encode(corpus.text), batch_size, steps)
+    updates = steps // k1
+    return Streams(corpus, inputs, targets, updates, -(-updates // updates_per_call),
+                   batch_size * (steps + 1))

@@ -1,12 +1,21 @@
 """The main job (`tbptt train`, also `examples/char_lm.py`), run small: the data it builds,
-and both frameworks training the same model from the same weights, agreeing and learning."""
+both frameworks training the same model from the same weights (JAX's draw), agreeing and
+learning, torch drawing its own when it trains alone, a sample alike from either, and the
+parity gate failing the mistakes it is there to catch."""
 
+import json
+
+import jax
 import numpy as np
 import pytest
 import torch
 
+import tbptt_jax
+import tbptt_torch
 from examples import char_lm as script
 from tbptt_cli import char_lm, text
+from tbptt_cli.char_lm import _jax as char_jax
+from tbptt_cli.char_lm import _torch as char_torch
 
 
 @pytest.fixture(autouse=True)
@@ -51,21 +60,78 @@ def test_jax_and_torch_streams_train_the_same_model_and_learn():
     batch, steps, k1, k2 = 4, 200, 10, 15
     codes = text.encode(text.load_corpus(batch * (steps + 1)).text)
     inputs, targets = text.make_streams(codes, batch, steps)
-    models = char_lm.build_models("lstm", 16, 1, seed=0)
+    jax_model = char_jax.build_model("lstm", 16, 1)
+    params = char_jax.init(jax_model, seed=0, dtype="float32")
+    torch_model = char_torch.build_model("lstm", 16, 1, seed=0, dtype="float32",
+                                         params=params)
     # Four calls of 50 steps each: the OverlapCarry (k2 > k1) travels between them.
     train = dict(k1=k1, k2=k2, segment_length=50, lr=1e-2)
     reported = []
 
-    _, jax_run = char_lm.train_jax(models.jax_model, models.params, inputs, targets,
-                                   on_call=lambda done, loss: reported.append((done, loss)),
-                                   **train)
-    torch_run = char_lm.train_torch(models.torch_model, inputs, targets, **train)
+    _, jax_run = char_jax.train(jax_model, params, inputs, targets,
+                                on_call=lambda done, loss: reported.append((done, loss)),
+                                **train)
+    torch_run = char_torch.train(torch_model, inputs, targets, **train)
 
     assert jax_run.losses.shape == torch_run.losses.shape == (steps // k1,)
     assert len(jax_run.seconds) == len(torch_run.seconds) == 4
     assert reported == [(5 * (i + 1), float(jax_run.losses[5 * i + 4])) for i in range(4)]
     np.testing.assert_allclose(jax_run.losses, torch_run.losses, rtol=1e-5)
     assert jax_run.losses[-5:].mean() < jax_run.losses[:5].mean() - 0.5
+
+
+def first_update_loss(logits, targets):
+    """The mean cross-entropy of logits `[k1, B, V]` against codes `[k1, B]`, in numpy."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(log_probs, targets[..., None], axis=-1).mean()
+
+
+@pytest.mark.parametrize("framework", ["both", "jax", "torch"])
+def test_jax_draws_the_weights_when_it_trains_and_torch_when_it_trains_alone(framework,
+                                                                           tmp_path):
+    k1, seed = 5, 3
+    status = script.main(["--framework", framework, "--cell", "gru", "--hidden", "8",
+                          "--k1", str(k1), "--batch", "2", "--updates", "4",
+                          "--updates-per-call", "2", "--dtype", "float64", "--seed", str(seed),
+                          "--sample-length", "0", "--no-progress", "--out", str(tmp_path)])
+    assert status == 0
+    runs = json.loads((tmp_path / "train_log.json").read_text())["runs"]
+    inputs, targets = text.make_streams(text.encode(text.load_corpus(2 * 21).text), 2, 20)
+    xs = text.one_hot(inputs[:k1], np.float64)
+    # The first update's loss is that of the initial weights on the first k1 steps.
+    with jax.enable_x64(True):
+        model = tbptt_jax.models.gru(97, 8, 97)
+        _, logits = model.apply(model.init(jax.random.key(seed), np.float64),
+                                model.initial_carry(2, np.float64), xs)
+        jax_drawn = first_update_loss(logits, targets[:k1])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        logits, _ = tbptt_torch.models.GRUModel(97, 8, 97).double()(torch.from_numpy(xs))
+    torch_drawn = first_update_loss(logits.numpy(), targets[:k1])
+    assert abs(jax_drawn - torch_drawn) > 1e-3  # the two draws are told apart
+
+    expected = {"both": {"jax": jax_drawn, "torch": jax_drawn}, "jax": {"jax": jax_drawn},
+                "torch": {"torch": torch_drawn}}[framework]
+    assert {name: run["losses"][0] for name, run in runs.items()} == pytest.approx(
+        expected, rel=1e-12)
+
+
+def test_a_sample_is_the_same_from_either_framework_with_the_same_weights():
+    with jax.enable_x64(True):
+        jax_model = char_jax.build_model("lstm", 16, 1)
+        params = char_jax.init(jax_model, seed=0, dtype="float64")
+        from_jax = char_lm.sample(char_jax.sampler(jax_model, params), "def ", 40,
+                                  temperature=0.7, seed=5)
+    torch_model = char_torch.build_model("lstm", 16, 1, seed=0, dtype="float64",
+                                         params=params)
+    from_torch = char_lm.sample(char_torch.sampler(torch_model), "def ", 40, temperature=0.7,
+                                seed=5)
+    assert from_jax == from_torch
+    assert from_jax.startswith("def ") and len(from_jax) == 44
+    assert char_lm.sample(char_torch.sampler(torch_model), "def ", 40, temperature=0.7,
+                          seed=6) != from_torch
 
 
 def test_the_script_runs_small_and_passes(capsys):
@@ -87,15 +153,13 @@ def test_the_script_fails_when_one_framework_drops_a_weight(monkeypatch, capsys)
     """The gate's first purpose: a port that does not compute the same function exits 1
     with the message that says so. Here the JAX side loses torch's second bias, a mistake
     ports make (torch's cells have two biases, most JAX cells one)."""
-    build_models = char_lm.build_models
+    train = char_jax.train
 
-    def without_the_second_bias(*args, **kwargs):
-        models = build_models(*args, **kwargs)
-        params = {**models.params, "rnn.bias_hh_l0": np.zeros_like(
-            models.params["rnn.bias_hh_l0"])}
-        return models._replace(params=params)
+    def without_the_second_bias(model, params, *args, **kwargs):
+        params = {**params, "rnn.bias_hh_l0": np.zeros_like(params["rnn.bias_hh_l0"])}
+        return train(model, params, *args, **kwargs)
 
-    monkeypatch.setattr(char_lm, "build_models", without_the_second_bias)
+    monkeypatch.setattr(char_jax, "train", without_the_second_bias)
     status = script.main(SMALL_RUN)
     captured = capsys.readouterr()
     assert status == 1, captured.out
@@ -108,12 +172,12 @@ def test_the_script_fails_when_jax_restarts_every_call_from_a_zero_carry(monkeyp
     """The gate's second purpose, the classic streaming mistake: each call of one
     framework starts from the zero carry instead of the carry the last call returned. The
     first call agrees; the first update of the second call does not."""
-    train_step = char_lm.tbptt_jax.tbptt_train_step
+    train_step = char_jax.tbptt_jax.tbptt_train_step
 
     def from_a_zero_carry(params, opt_state, carry, xs, ys, **kwargs):
         return train_step(params, opt_state, None, xs, ys, **kwargs)
 
-    monkeypatch.setattr(char_lm.tbptt_jax, "tbptt_train_step", from_a_zero_carry)
+    monkeypatch.setattr(char_jax.tbptt_jax, "tbptt_train_step", from_a_zero_carry)
     status = script.main(SMALL_RUN)
     captured = capsys.readouterr()
     assert status == 1, captured.out

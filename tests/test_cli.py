@@ -1,8 +1,9 @@
 """The `tbptt` command's `train` and `parity` subcommands: complete help, a tiny training run
-whose JSON log and PNG hold what was printed, a port check that passes a correct port and
-fails a wrong one naming update 1 and the parameter, loads the user's files as Python runs
-them (siblings import; any failure a one-line error, status 2), checks a token model on
-token ids, and the progress bar."""
+whose JSON log and PNG hold what was printed, each framework training alone with the other
+unimportable (and every command that needs the missing one saying so in one line, status
+2), a port check that passes a correct port and fails a wrong one naming update 1 and the
+parameter, loads the user's files as Python runs them (siblings import; any failure a
+one-line error, status 2), checks a token model on token ids, and the progress bar."""
 
 import argparse
 import io
@@ -16,6 +17,8 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+import tqdm.std
+from test_isolation import BLOCKER, imported_roots
 
 import tbptt_parity
 from tbptt.loading import load_object
@@ -95,9 +98,7 @@ def test_train_writes_a_json_log_and_a_png_that_hold_the_run(tmp_path, capsys):
                 in printed)
     assert log["sample"].startswith("def ") and len(log["sample"]) == 4 + 5
     assert f"wrote {out / train.LOG_NAME} and {out / train.PLOT_NAME}" in printed
-    # The progress bar went to stderr, as lines (not a terminal), ending at 6/6.
-    assert "jax   [####################] 6/6 updates  loss" in progress
-    assert f"torch [####################] 6/6 updates  loss {torch_losses[-1]:.4f}" in progress
+    assert progress == ""  # the progress bar is drawn on a terminal only
 
     image = matplotlib.image.imread(out / train.PLOT_NAME)
     assert image.shape[:2] == (round(6.5 * 110), 8 * 110)  # two panels: losses, difference
@@ -140,17 +141,120 @@ def test_train_splits_the_batch_over_two_jax_devices_with_the_same_updates(tmp_p
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--k1", "5", "--k2", "4"], "--k2 must be >= --k1 = 5, got 4"),
+    (["--k1", "5", "--k2", "4"], "k2 must be >= k1 (k1=5), got k2=4"),
+    (["--k1", "0"], "k1 must be a positive int, got 0"),
     (["--batch", "3", "--jax-devices", "2"],
      "--batch must split evenly over --jax-devices = 2, got 3"),
-    (["--jax-devices", "0"], "--jax-devices must be >= 1, got 0"),
-    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--jax-devices", "0"], "--jax-devices must be a positive int, got 0"),
+    (["--batch", "0"], "--batch must be a positive int, got 0"),
+    (["--updates", "0"], "--updates must be a positive int, got 0"),
+    (["--sample-length", "-1"], "--sample-length must be an int >= 0, got -1"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--prompt", ""], "--prompt must hold one character or more to sample from, got ''"),
     (["--text", "/nonexistent/corpus.txt"], "--text must name a file"),
     (["--chars", "100", "--batch", "4"], "100 characters are too few for one call"),
 ])
 def test_train_rejects_bad_options_with_status_2(arguments, message, capsys):
     assert cli.main(["train", "--no-progress", *arguments]) == 2
     assert message in capsys.readouterr().err
+
+
+RUN_COMMANDS = """
+import contextlib, io, json, sys
+
+from tbptt_cli import cli
+
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(argv)
+    results[name] = {"status": status, "out": out.getvalue(), "err": err.getvalue()}
+results["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print(json.dumps(results))
+"""
+TINY_RUN = ["--cell", "gru", "--hidden", "8", "--batch", "2", "--k1", "5", "--updates", "4",
+            "--updates-per-call", "2", "--dtype", "float64", "--sample-length", "5"]
+PORT_SPECS = [f"{PORT}:Forecaster", f"{PORT}:forecaster_apply"]
+AUDIT = ["audit", f"{ROOT / 'examples' / 'audit_loops.py'}:per_step_loop", "--k1", "4",
+         "--reduction", "sum", "--tail", "drop"]
+
+
+@pytest.mark.parametrize(("framework", "blocked", "refused"), [
+    pytest.param("jax", ("torch", "matplotlib"), {
+        "train": "--framework both needs JAX and PyTorch, and PyTorch cannot be imported here "
+                 "(torch is blocked for this test); pip install \"tbptt[torch]\", or train "
+                 "with --framework jax",
+        "train --framework torch": "--framework torch needs PyTorch, which cannot be imported",
+        "parity": "tbptt parity: error: needs JAX and PyTorch, and PyTorch cannot be imported",
+        "audit": "tbptt audit: needs PyTorch, which cannot be imported here",
+    }, id="jax-without-torch-and-matplotlib"),
+    pytest.param("torch", ("jax", "jaxlib", "optax"), {
+        "train": "--framework both needs JAX and PyTorch, and JAX cannot be imported here "
+                 "(jax is blocked for this test); pip install \"tbptt[jax]\", or train "
+                 "with --framework torch",
+        "train --framework jax": "--framework jax needs JAX, which cannot be imported",
+        "parity": "tbptt parity: error: needs JAX and PyTorch, and JAX cannot be imported",
+    }, id="torch-without-jax"),
+])
+def test_train_runs_on_one_framework_and_commands_needing_the_other_say_so(
+        framework, blocked, refused, tmp_path, capsys):
+    out = tmp_path / "alone"
+    commands = {"train alone": ["train", "--framework", framework, *TINY_RUN, "--no-progress",
+                                "--out", str(out)],
+                "train": ["train", *TINY_RUN], "parity": ["parity", *PORT_SPECS],
+                "audit": AUDIT}
+    other = "torch" if framework == "jax" else "jax"
+    commands[f"train --framework {other}"] = ["train", "--framework", other, *TINY_RUN]
+    source = textwrap.dedent(BLOCKER.format(blocked=set(blocked))) + RUN_COMMANDS
+    done = subprocess.run([sys.executable, "-c", source, json.dumps(commands)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout)
+    assert results.pop("imported") == []
+
+    for name, message in refused.items():
+        result = results.pop(name)
+        assert result["status"] == 2 and result["out"] == "", (name, result)
+        assert len(result["err"].splitlines()) == 1 and message in result["err"], (name, result)
+    if framework == "torch":  # the audit needs torch only
+        assert results.pop("audit")["status"] == 0
+
+    alone = results.pop("train alone")
+    assert alone["status"] == 0, alone
+    assert results == {}
+    log = json.loads((out / train.LOG_NAME).read_text())
+    assert list(log["runs"]) == [framework] and log["parity"] is None
+    assert log["sample"].startswith("def ") and len(log["sample"]) == 9
+    if framework == "jax":  # no matplotlib either, as after pip install "tbptt[jax]"
+        assert (f"wrote {out / train.LOG_NAME} (no {train.PLOT_NAME}: matplotlib is blocked for "
+                f"this test; pip install \"tbptt[plot]\")") in alone["out"]
+        assert not (out / train.PLOT_NAME).exists()
+    # The same run with both frameworks importable: JAX's run is the same (its weights are
+    # JAX's draw either way); torch alone draws its own, so its losses are another run's.
+    both = tmp_path / "both"
+    assert cli.main(["train", *TINY_RUN, "--no-progress", "--out", str(both)]) == 0
+    capsys.readouterr()
+    runs = json.loads((both / train.LOG_NAME).read_text())["runs"]
+    alone_losses = np.array(log["runs"][framework]["losses"])
+    if framework == "jax":
+        np.testing.assert_allclose(alone_losses, runs["jax"]["losses"], rtol=1e-12)
+    else:
+        assert abs(alone_losses[0] - runs["torch"]["losses"][0]) > 1e-3
+
+
+def test_only_the_framework_halves_of_the_model_import_a_framework():
+    """The rest of the command needs neither; `audit` and `parity` import what they need
+    inside run(), once they have checked it is installed."""
+    jax_names, torch_names = {"jax", "jaxlib", "optax", "tbptt_jax"}, {"torch", "tbptt_torch"}
+    allowed = {"char_lm/_jax.py": jax_names, "char_lm/_torch.py": torch_names,
+               "commands/audit.py": {"tbptt_torch"}, "commands/parity.py": {"tbptt_parity"}}
+    package = ROOT / "tbptt_cli"
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        found = imported_roots(path) & (jax_names | torch_names | {"tbptt_parity"})
+        assert found <= allowed.get(name, set()), f"tbptt_cli/{name} imports {sorted(found)}"
+    assert set(allowed) <= {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
 
 
 def test_parity_passes_a_correct_port(capsys):
@@ -288,6 +392,11 @@ def test_parity_reads_token_data_from_an_npz_file(tmp_path, capsys):
     assert "must hold the arrays xs and ys, has ['inputs']" in capsys.readouterr().err
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 class Clock:
     def __init__(self):
         self.now = 0.0
@@ -296,30 +405,28 @@ class Clock:
         return self.now
 
 
-def test_progress_writes_a_line_per_tenth_off_a_terminal_and_times_from_the_first_report():
-    stream, clock = io.StringIO(), Clock()
-    progress = Progress("jax", 20, steps_per_update=50, stream=stream, interactive=False,
-                        clock=clock)
+def test_progress_shows_the_loss_and_rates_timed_from_the_first_report(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(tqdm.std, "time", clock)  # tqdm's clock, read when a bar starts
+    stream = Terminal()
+    progress = Progress("jax", 20, steps_per_update=50, stream=stream)
     for done in range(2, 21, 2):
         clock.now += 30.0 if done == 2 else 0.5  # the first call compiles
         progress.update(done, loss=1.0 / done)
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 10
-    assert lines[0] == "jax   [##..................]  2/20 updates  loss 0.5000"
-    # 18 updates in 4.5 s after the first report: 4 updates/s, 200 steps/s.
-    assert lines[-1] == ("jax   [####################] 20/20 updates  loss 0.0500  "
-                         "4.0 updates/s  200.0 steps/s  eta 0s")
-
-
-def test_progress_redraws_one_line_on_a_terminal():
-    stream, clock = io.StringIO(), Clock()
-    progress = Progress("torch", 4000, steps_per_update=5, stream=stream, interactive=True,
-                        clock=clock)
-    progress.update(1000, loss=2.0)
-    clock.now = 1.0
-    progress.update(3000, loss=1.5)
     progress.close()
-    assert stream.getvalue() == (
-        "\rtorch [#####...............] 1000/4000 updates  loss 2.0000\x1b[K"
-        "\rtorch [###############.....] 3000/4000 updates  loss 1.5000  2.0k updates/s  "
-        "10.0k steps/s  eta 0s\x1b[K\n")
+    frames = stream.getvalue().split("\r")
+    assert frames[1].startswith("jax  :  10%|") and frames[1].endswith(
+        " 2/20 [00:00<?, ?update/s, loss 0.5000]")
+    # 18 updates in 4.5 s after the first report: 4 updates/s, 200 steps/s; the 30 s
+    # before it are not counted.
+    assert frames[-1].startswith("jax  : 100%|") and frames[-1].endswith(
+        " 20/20 [00:04<00:00,  4.00update/s, loss 0.0500, 200 steps/s]\n")
+
+
+def test_progress_draws_nothing_off_a_terminal():
+    stream = io.StringIO()
+    progress = Progress("torch", 4, steps_per_update=5, stream=stream)
+    for done in range(1, 5):
+        progress.update(done, loss=2.0)
+    progress.close()
+    assert stream.getvalue() == ""

@@ -8,7 +8,9 @@ matters (JAX only, torch only, all), it is installed into a fresh virtualenv (pi
 makes that a matter of seconds) and run from a folder outside the source tree with no
 source path on `PYTHONPATH`: every public module imports from the installed location,
 the README's quick starts print what the README says, `tbptt --help` and a tiny
-`tbptt train` run, and the compiled CPU kernels build from the installed C++ source.
+`tbptt train` run (with the one framework installed, on that one, without matplotlib so
+without its PNG), every command that needs the framework not installed says so in one line
+with exit status 2, and the compiled CPU kernels build from the installed C++ source.
 """
 
 from __future__ import annotations
@@ -31,9 +33,26 @@ PACKAGES = ("tbptt", "tbptt_jax", "tbptt_torch", "tbptt_parity", "tbptt_cli")
 DATA_SUFFIXES = (".py", ".cc", "py.typed")
 # The packages each extra is for (the core works with any).
 EXTRAS = {
-    "jax": {"tbptt", "tbptt_jax"},
-    "torch": {"tbptt", "tbptt_torch"},
+    "jax": {"tbptt", "tbptt_jax", "tbptt_cli"},
+    "torch": {"tbptt", "tbptt_torch", "tbptt_cli"},
     "all": set(PACKAGES),
+}
+# A tiny `tbptt train`, otherwise with the defaults (progress bar, sample, --out).
+TINY_TRAIN = ["--hidden", "8", "--k1", "5", "--batch", "2", "--chars", "200",
+              "--updates-per-call", "4"]
+# What each one-framework install must refuse: the command, and what its one line says.
+REFUSED = {
+    "jax": {("train",): "--framework both needs JAX and PyTorch, and PyTorch cannot be "
+                        "imported here (No module named 'torch')",
+            ("train", "--framework", "torch"): "--framework torch needs PyTorch",
+            ("parity", "port.py:Model", "port.py:apply"): "tbptt parity: error: needs JAX "
+                                                          "and PyTorch, and PyTorch cannot",
+            ("audit", "loops.py:loop"): "tbptt audit: needs PyTorch, which cannot"},
+    "torch": {("train",): "--framework both needs JAX and PyTorch, and JAX cannot be "
+                          "imported here (No module named 'jax')",
+              ("train", "--framework", "jax"): "--framework jax needs JAX",
+              ("parity", "port.py:Model", "port.py:apply"): "tbptt parity: error: needs JAX "
+                                                            "and PyTorch, and JAX cannot"},
 }
 
 
@@ -156,8 +175,23 @@ def test_the_installed_wheel_works_away_from_the_checkout(wheel, extra, tmp_path
     tbptt = str(python.parent / "tbptt")
     assert "train" in run("tbptt --help", tbptt, "--help").stdout
     if extra == "all":
-        trained = run("tbptt train", tbptt, "train", "--hidden", "8", "--k1", "5", "--batch", "2",
-                      "--chars", "200", "--updates-per-call", "4", "--sample-length", "0",
+        trained = run("tbptt train", tbptt, "train", *TINY_TRAIN, "--sample-length", "0",
                       "--no-progress", "--out", str(tmp_path / "run")).stdout
         assert "OK: the two frameworks trained the same model" in trained
+        assert (tmp_path / "run" / "loss_curve.png").is_file()
         assert (tmp_path / "run" / "train_log.json").is_file()
+        return
+
+    trained = run(f"tbptt train --framework {extra}", tbptt, "train", "--framework", extra,
+                  *TINY_TRAIN).stdout
+    log = json.loads((elsewhere / "tbptt-train" / "train_log.json").read_text())
+    assert list(log["runs"]) == [extra] and len(log["runs"][extra]["losses"]) == 16
+    assert log["sample"].startswith("def ") and len(log["sample"]) == 4 + 300
+    assert ("(no loss_curve.png: No module named 'matplotlib'; pip install \"tbptt[plot]\")"
+            in trained)
+    for command, message in REFUSED[extra].items():
+        done = subprocess.run([tbptt, *command], cwd=elsewhere, env=environment,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 2 and done.stdout == "", (command, done.stderr[-3000:])
+        assert len(done.stderr.splitlines()) == 1 and message in done.stderr, (command,
+                                                                                done.stderr)

@@ -10,8 +10,8 @@ each mistake in plain words and the update and time step where it first shows. T
 update the weights itself (p.data.add_(p.grad, alpha=-lr)) instead of calling
 optimizer.step(), compute any mean or sum of per-step losses, and clip the gradient. It
 judges behaviour, never the loop's source. Files are run as `python FILE` runs them, their
-own folder first on the import path. Exit status: 0 correct, 1 wrong, 2 the loop could not
-be audited or an argument is wrong.
+own folder first on the import path. Needs PyTorch (not JAX). Exit status: 0 correct, 1
+wrong, 2 the loop could not be audited, an argument is wrong or PyTorch is not installed.
 
 Examples:
   tbptt audit examples/audit_loops.py:per_step_loop --k1 4 --reduction sum --tail drop
@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from tbptt_cli import frameworks
 
 LOSSES = ("mse", "l1", "cross_entropy", "nll")
 
@@ -81,6 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = frameworks.missing(("torch",))
+    if problem is not None:
+        print(f"tbptt audit: {problem}", file=sys.stderr)
+        return 2
     from tbptt.loading import load_data, load_object
     from tbptt_torch.audit import AuditError, audit
 

@@ -2,8 +2,8 @@
 
 `tbptt bench [OPTIONS]` is `python -m benchmarks.suite [OPTIONS]`: the suite lives in the
 checkout's `benchmarks/` folder, which is not installed with the package, and owns its
-options (`tbptt bench --help` lists them). From an installed package without the checkout,
-the command says so and exits 2.
+options (`tbptt bench --help` lists them). It needs both JAX and PyTorch; without either, or
+from an installed package without the checkout, the command says so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from tbptt_cli import frameworks
 
 # The suite parses its own options: the `tbptt` command hands them over unparsed.
 PASS_THROUGH = True
@@ -31,11 +33,15 @@ def _suite() -> ModuleType:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = frameworks.missing(("jax", "torch"))
+    if problem is not None:
+        print(f"tbptt bench: error: {problem}", file=sys.stderr)
+        return 2
     try:
         suite = _suite()
     except ModuleNotFoundError as error:
-        print(f"tbptt bench: needs the source checkout (benchmarks/ beside the packages) and "
-              f"both JAX and PyTorch ({error}); run it from a checkout, where "
-              f"`python -m benchmarks.suite` is the same command", file=sys.stderr)
+        print(f"tbptt bench: needs the source checkout (benchmarks/ beside the packages) "
+              f"({error}); run it from a checkout, where `python -m benchmarks.suite` is the "
+              f"same command", file=sys.stderr)
         return 2
     return suite.main(args.arguments, prog="tbptt bench")

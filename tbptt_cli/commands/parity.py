@@ -18,7 +18,8 @@ shows, per update, both losses, the relative gap of the losses and the largest g
 and parameter gaps; it stops at the first update where a gap exceeds the tolerance and
 names the parameter whose gradient is furthest apart there, with every parameter's gaps.
 
-Exit status: 0 if the port agrees at every update, 1 if it diverges, 2 on bad arguments.
+Needs both JAX and PyTorch installed. Exit status: 0 if the port agrees at every update, 1
+if it diverges, 2 on bad arguments or a framework that is not installed.
 
 Example (examples/port_check.py holds a GRU forecaster, its port, and a wrong port):
 
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from tbptt_cli import frameworks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = frameworks.missing(("jax", "torch"))
+    if problem is not None:
+        print(f"tbptt parity: error: {problem}", file=sys.stderr)
+        return 2
     import numpy as np
 
     import tbptt_parity
