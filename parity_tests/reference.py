@@ -8,8 +8,10 @@ no `lax.scan`, no jit, no fused windows. A Python loop over updates u = 1..U com
 runs `step` once per time step over the window [s_u, b_u) from the carry at s_u, reduces the
 loss over [a_u, b_u) only (overlap steps add none), differentiates with `jax.grad`, and
 applies one optax update. Resets are applied here, as `where(reset, 0, h)` before step t,
-not by the model. Agreement with the trainers therefore checks their semantics
-independently of the schedule they share.
+not by the model; so is the rule for dead steps (a step of a sequence that a later reset in
+the call cuts off from every loss term update u or a later one counts runs on a zero input
+from a zero carry), checked position by position. Agreement with the trainers therefore
+checks their semantics independently of the schedule they share.
 """
 
 from __future__ import annotations
@@ -80,13 +82,28 @@ def reference_tbptt(
     def s(u: int) -> int:
         return max(0, a(u) - overlap)
 
-    def forward(p: Any, state: Any, start: int, stop: int) -> tuple[dict[int, Any], dict]:
+    trained = b(updates) if updates else 0  # the steps whose loss terms some update counts
+
+    def dead(t: int, row: int, loss_start: int) -> bool:
+        """Whether step t of sequence `row` is dead for the update whose loss starts at
+        `loss_start`: a later reset in the call comes before any term counted from there."""
+        if resets is None:
+            return False
+        later = [r for r in range(t + 1, length) if resets[r, row]]
+        return bool(later) and not any(max(t, loss_start) <= q < min(later[0], trained)
+                                       for q in range(length))
+
+    def forward(p: Any, state: Any, start: int, stop: int, loss_start: int
+                ) -> tuple[dict[int, Any], dict]:
         """The states reached at every position start..stop, and the outputs of each step."""
         states, preds = {start: state}, {}
         for t in range(start, stop):
+            x = xs[t]
             if resets is not None:
-                state = _reset(state, resets[t])
-            state, preds[t] = step(p, state, xs[t])
+                cut = jnp.asarray([dead(t, row, loss_start) for row in range(xs.shape[1])])
+                x = jnp.where(cut[:, None], jnp.zeros_like(x), x)
+                state = _reset(state, resets[t] | cut)
+            state, preds[t] = step(p, state, x)
             states[t + 1] = state
         return states, preds
 
@@ -100,7 +117,7 @@ def reference_tbptt(
 
         def loss_of(p: Any, u: int = u, start_state: Any = state, handoff: int = handoff
                     ) -> tuple[jax.Array, Any]:
-            states, preds = forward(p, jax.lax.stop_gradient(start_state), s(u), b(u))
+            states, preds = forward(p, jax.lax.stop_gradient(start_state), s(u), b(u), a(u))
             terms = jnp.stack([loss_fn(preds[t][None], ys[t][None])[0] for t in range(a(u), b(u))])
             loss = jnp.mean(terms) if reduction == "mean" else jnp.sum(terms)
             return loss, states[handoff]
@@ -114,7 +131,7 @@ def reference_tbptt(
         history.append(params)
 
     # tail="drop": the untrained remainder still advances the carry, with the final params.
-    state = forward(params, state, position, final)[0][final]
+    state = forward(params, state, position, final, trained)[0][final]
     if overlap:
         state = (state, xs[final:], None if resets is None else resets[final:])
 

@@ -26,15 +26,35 @@ class OverlapCarry(NamedTuple):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """An update's loss or gradient was not finite; that update was not applied."""
+    """An update's loss, its gradient, or the parameters or optimizer state its step made
+    were not finite; that update was not applied."""
 
 
-def nonfinite_message(update: int, loss: float, *, earlier_updates_applied: bool) -> str:
+# What made an update non-finite, in the order the trainers check: the code `i + 1` marks
+# NONFINITE[i] in `metrics["nonfinite"]` (0: finite).
+NONFINITE = ("loss", "gradient", "step")
+
+
+def nonfinite_message(update: int, loss: float, cause: str = "", *,
+                      earlier_updates_applied: bool, applied: bool = False) -> str:
     """Why a call stopped at `update` (its index in the call's losses), and what of the call
-    was applied: in JAX nothing (a call is one program), in torch the updates before it."""
-    cause = (f"a non-finite loss ({loss})" if not math.isfinite(loss)
-             else f"a non-finite gradient (its loss, {loss}, is finite)")
-    applied = ("it was not applied (the updates before it were)" if earlier_updates_applied
+    was applied: in JAX nothing (a call is one program), in torch the updates before it
+    (and this one too where `applied`: a step that could not be undone).
+
+    `cause` is one of `NONFINITE`; by default the loss if it is not finite, else the
+    gradient."""
+    if not cause:
+        cause = "gradient" if math.isfinite(loss) else "loss"
+    described = {
+        "loss": f"a non-finite loss ({loss})",
+        "gradient": f"a non-finite gradient (its loss, {loss}, is finite)",
+        "step": f"a step that made the parameters or the optimizer state non-finite (its "
+                f"loss, {loss}, and its gradient are finite)",
+    }[cause]
+    stop = f"update {update} of this call (counting from 0) has {described}"
+    if applied:
+        return (f"{stop}; it was applied, as were the updates before it: with "
+                "undo_nonfinite_steps=False no copy is kept to undo such a step with.")
+    outcome = ("it was not applied (the updates before it were)" if earlier_updates_applied
                else "nothing of this call was applied, the params passed in are unchanged")
-    return (f"update {update} of this call (counting from 0) has {cause}; {applied}. Pass "
-            "on_nonfinite='skip' to skip such updates instead.")
+    return f"{stop}; {outcome}. Pass on_nonfinite='skip' to skip such updates instead."

@@ -5,12 +5,14 @@ checks it once, and returns a `Trainer` of two pure functions: `init` builds a
 `TBPTTState` (parameters, optimizer state, carry, the overlap a k2 > k1 stream carries,
 the updates made and an optional PRNG key), `step` trains on one sequence. `step` reads as
 SPEC §1: each update starts from the carry at its window start as a constant
-(`stop_gradient`), runs the model over its window with the current parameters, reduces the
-loss over the (weighted) steps it owns, differentiates, applies the optax update unless
-the loss or gradient is not finite or the update owns no weight, and hands on the carry
-its forward reached at the next window's start. Every full update is one iteration of one
-`lax.scan`; a partial last update and the carry's advance over a dropped tail are pieces
-of their own. Windows have one length whatever their place in the stream
+(`stop_gradient`), runs the model over its window with the current parameters (its dead
+steps, which a reset cuts off from every loss still to be counted, on zero inputs as if
+reset: `_windows.dead`), reduces the loss over the (weighted) steps it owns,
+differentiates, applies the optax update unless the loss, the gradient or the parameters
+and optimizer state it would give are not finite or the update owns no weight, and hands
+on the carry its forward reached at the next window's start. Every full update is one
+iteration of one `lax.scan`; a partial last update and the carry's advance over a dropped
+tail are pieces of their own. Windows have one length whatever their place in the stream
 (`tbptt_jax._windows`), so one program serves a stream's first call and its later ones,
 and its size does not grow with (k2 - k1) / k1.
 
@@ -51,7 +53,7 @@ from tbptt.checks import (
     check_sequences,
     model_fails,
 )
-from tbptt.stream import NonFiniteLossError, OverlapCarry, nonfinite_message
+from tbptt.stream import NONFINITE, NonFiniteLossError, OverlapCarry, nonfinite_message
 from tbptt_jax import _windows
 
 __all__ = ["NonFiniteLossError", "OverlapCarry", "TBPTTState", "Trainer", "tbptt_train_step",
@@ -101,7 +103,8 @@ class _Config:
 
 class _Record(NamedTuple):
     loss: Array  # shape=()
-    skipped: Array  # shape=(), bool: the loss or a gradient was not finite
+    skipped: Array  # shape=(), bool: the loss, a gradient or the step's result was not finite
+    nonfinite: Array  # shape=(), int32: what was not, 1 + its index in NONFINITE (0: none)
     weight: Array  # shape=(): the summed weight of the loss terms the update owns
     grads: Params | None  # the update's gradient, when traced
     params: Params | None  # the parameters after the update, when traced
@@ -139,7 +142,8 @@ def trainer(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.GradientTransfo
     Returns:
       A `Trainer`: `init(params, xs, carry=None, *, resets=False, key=None, opt_state=None)`
       -> `TBPTTState` and `step(state, xs, ys, *, resets=None, mask=None)` -> `(state,
-      metrics)`, with `metrics["loss"]`, `["skipped"]` and `["weight"]` of shape `[U]`.
+      metrics)`, with `metrics["loss"]`, `["skipped"]`, `["nonfinite"]` and `["weight"]` of
+      shape `[U]` (see `tbptt_train_step`).
     """
     k1, k2 = check_k(k1, k2)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -206,6 +210,10 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
     # Positions in the extended sequence before `start` precede the stream's first step.
     start = overlap - state.overlap_steps if overlap else None
     initial_carry = state.carry
+    # Only a reset makes steps dead (`_windows.dead`), so only a stream with resets has any.
+    steps = None if inputs[1] is None else _windows.liveness(
+        inputs[1], _counted(inputs[1], mask, overlap, full_updates * k1 + (
+            remainder if partial_tail else 0)))
 
     def pad_at(position: Any) -> Array | None:
         return None if start is None else jnp.maximum(start - position, 0)
@@ -223,6 +231,9 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
                padded=True):
         """One TBPTT update: forward over its window, gradient, one optimizer step."""
         window = _windows.take(inputs, window_start, overlap + loss_steps)
+        if steps is not None:
+            window = _windows.sanitize(window, _windows.dead(
+                steps, window_start, overlap + loss_steps, window_start + overlap))
         targets = _windows.take(ys, window_start, loss_steps)
         weights = None if mask is None else _windows.take(mask, window_start, loss_steps)
         key = update_key(index)
@@ -250,13 +261,17 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
             jax.lax.switch(_windows.which(pad, loss_steps), branches))
         updates, new_opt_state = config.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
-        # A non-finite loss or gradient never reaches the parameters or the optimizer state;
-        # nor does an update that owns no weight (every loss term masked out).
-        finite = jnp.isfinite(loss) & _all_finite(grads)
-        keep = partial(jax.tree.map, lambda new, old: jnp.where(finite & (weight > 0), new, old))
+        # A non-finite loss, gradient or step result (parameters or optimizer state: Adam's
+        # float16 moments may underflow) never reaches the parameters or the optimizer
+        # state; nor does an update that owns no weight (every loss term masked out).
+        nonfinite = jnp.where(weight > 0, jnp.select(
+            [~jnp.isfinite(loss), ~_all_finite(grads), ~_all_finite((new_params, new_opt_state))],
+            [jnp.int32(code) for code in range(1, len(NONFINITE) + 1)], jnp.int32(0)), 0)
+        keep = partial(jax.tree.map,
+                       lambda new, old: jnp.where((nonfinite == 0) & (weight > 0), new, old))
         params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
         # An update with no weight has no loss: NaN, as torch reports it.
-        record = _Record(jnp.where(weight > 0, loss, jnp.nan), ~finite, weight,
+        record = _Record(jnp.where(weight > 0, loss, jnp.nan), nonfinite > 0, nonfinite, weight,
                          grads if config.trace else None, params if config.trace else None)
         return params, opt_state, handoff_carry, record
 
@@ -290,21 +305,25 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         runs = _windows.RUNS if pad is not None else _windows.RUNS[:1]
         apply = partial(apply_part, params,
                         None if key is None else jax.random.fold_in(key, config.k2))
-        branches = [partial(run, apply, carry, initial_carry,
-                            _windows.take(inputs, position, remainder), pad, 0, remainder,
+        window = _windows.take(inputs, position, remainder)
+        if steps is not None:  # no step after the last update's is counted
+            window = _windows.sanitize(window, _windows.dead(
+                steps, position, remainder, position + overlap))
+        branches = [partial(run, apply, carry, initial_carry, window, pad, 0, remainder,
                             _windows.chunk_size(k1, overlap, remainder)) for run in runs]
         carry, _ = (branches[0]() if len(branches) == 1 else
                     jax.lax.switch(_windows.which(pad, remainder), branches))
 
     if records:
         record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)
-        metrics = {"loss": record.loss, "skipped": record.skipped, "weight": record.weight}
+        metrics = {"loss": record.loss, "skipped": record.skipped,
+                   "nonfinite": record.nonfinite, "weight": record.weight}
         if config.trace:
             metrics["grads"], metrics["params"] = record.grads, record.params
     else:
         dtype = jnp.result_type(*_floats(params)) if _floats(params) else jnp.float32
         metrics = {"loss": jnp.zeros((0,), dtype), "skipped": jnp.zeros((0,), bool),
-                   "weight": jnp.zeros((0,), dtype)}
+                   "nonfinite": jnp.zeros((0,), jnp.int32), "weight": jnp.zeros((0,), dtype)}
 
     new_state = state._replace(params=params, opt_state=opt_state, carry=carry,
                                updates=state.updates + full_updates + partial_tail)
@@ -341,6 +360,20 @@ def _reduce(loss_fn: LossFn, preds: Any, targets: Any, weights: Array | None,
     return total, weight
 
 
+def _counted(resets: Array, mask: Array | None, overlap: int, trained: int) -> Array:
+    """Bool `[P, B]` over the extended sequence (the overlap carried in, then the call's
+    steps): the loss terms the call's updates count, those of its first `trained` steps
+    that the mask (if any) does not weigh 0."""
+    position = jnp.arange(resets.shape[0])[:, None]
+    counted = (position >= overlap) & (position < overlap + trained) & jnp.ones_like(resets)
+    if mask is None:
+        return counted
+    weighed = mask != 0
+    if overlap:
+        weighed = jnp.concatenate([jnp.zeros_like(resets[:overlap]), weighed])
+    return counted & weighed
+
+
 def _no_resets(xs: Any) -> Array:
     """False `[T, B]` for the T, B of `xs`, split as its batch is (a mesh's Explicit axes
     put the split in the type)."""
@@ -349,7 +382,11 @@ def _no_resets(xs: Any) -> Array:
 
 
 def _all_finite(tree: Any) -> Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+    """Whether every inexact entry of `tree` is finite (its integer leaves, such as an
+    optimizer's step count, always are)."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+             if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def _floats(tree: Any) -> list[np.dtype]:
@@ -569,14 +606,17 @@ def tbptt_train_step(
       updates_done: updates made in the stream before this call (for the keys), so that a
         stream fed in segments gets the keys of one call over the whole sequence.
       on_nonfinite: "raise" (default) raises `NonFiniteLossError` if any update's loss or
-        gradient is not finite, leaving the caller's parameters as they were; "skip" skips
-        such updates (parameters and optimizer state unchanged) and marks them in
-        `metrics["skipped"]`. Under a `jax.jit`, `vmap` or `lax.scan` of the caller only
-        "skip" can work (the check needs the call's results).
+        gradient is not finite, or its step would make the parameters or the optimizer
+        state so, leaving the caller's parameters as they were; "skip" skips such updates
+        (parameters and optimizer state unchanged) and marks them in `metrics["skipped"]`.
+        Under a `jax.jit`, `vmap` or `lax.scan` of the caller only "skip" can work (the
+        check needs the call's results).
 
     Returns:
       `(params, opt_state, carry, metrics)`: `metrics["loss"]` has shape `[U]`, one loss
-      per update, `metrics["skipped"]` (bool `[U]`) marks skipped updates and
+      per update, `metrics["skipped"]` (bool `[U]`) marks skipped updates,
+      `metrics["nonfinite"]` (int32 `[U]`) says why: `1 + i` for `tbptt.stream.NONFINITE[i]`
+      ("loss", "gradient", "step"), 0 for an update that was not skipped; and
       `metrics["weight"]` (`[U]`) the owned terms' weight.
     """
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
@@ -598,8 +638,9 @@ def tbptt_train_step(
                              "trainer once with tbptt_jax.trainer)")
         if bool(jnp.any(metrics["skipped"])):
             first = int(np.argmax(np.asarray(metrics["skipped"])))
+            cause = NONFINITE[int(metrics["nonfinite"][first]) - 1]
             raise NonFiniteLossError(nonfinite_message(first, float(metrics["loss"][first]),
-                                                       earlier_updates_applied=False))
+                                                       cause, earlier_updates_applied=False))
     if not config.overlap:
         return state.params, state.opt_state, state.carry, metrics
     # The overlap's real steps, as many as the stream has had (static: known from the call).

@@ -22,6 +22,12 @@ picks one for a window's pad:
   holding the initial carry over the pad's chunks without running the model there.
 The trainer takes the gradient inside each run and picks among them with `lax.switch`, so
 no run pays for another's residuals.
+
+A window may hold *dead* steps (`dead`): steps of a row whose state a reset of that row
+discards before any loss term still to be counted could read it. The trainer runs them on
+zero inputs as if the row were reset there (`sanitize`), so whatever they hold (a NaN in a
+finished episode) reaches neither the forward nor the backward pass: their cotangents are
+exactly zero, so on finite data the losses and gradients are those of the plain run.
 """
 
 from __future__ import annotations
@@ -65,6 +71,44 @@ def chunk_size(*lengths: int) -> int:
     hand-off and the window length fall on their boundaries (pass k1, k2 - k1, the hand-off
     offset and the window length)."""
     return math.gcd(*lengths)
+
+
+def liveness(resets: Array, counted: Array) -> tuple[Array, Array]:
+    """`(next_reset, next_counted)`, int32 `[P, B]` over a call's extended sequence of P
+    steps: the first step after p where the row is reset, and the first step at or after p
+    whose loss term is counted (owned by an update of the call, with a non-zero weight);
+    P where there is none."""
+    length = resets.shape[0]
+    positions = jnp.arange(length, dtype=jnp.int32)[:, None]
+
+    def first_at_or_after(flags: Array) -> Array:
+        return jax.lax.cummin(jnp.where(flags, positions, length), axis=0, reverse=True)
+
+    at_or_after = first_at_or_after(resets)
+    next_reset = jnp.concatenate([at_or_after[1:], jnp.full_like(at_or_after[:1], length)])
+    return next_reset, first_at_or_after(counted)
+
+
+def dead(steps: tuple[Array, Array], start: Any, length: int, loss_start: Any) -> Array:
+    """Bool `[length, B]`: which steps `[start, start + length)` of an update's window are
+    dead, `steps` being `liveness(...)` and `loss_start` the update's first loss step. A
+    step is dead when a reset of its row follows it within the call and no term the update
+    or a later one counts lies between: from `loss_start` on, the counted terms are the
+    update's own, and those before it belong to earlier updates."""
+    next_reset, next_counted = take(steps, start, length)
+    first_counted = jax.lax.dynamic_slice_in_dim(steps[1], loss_start, 1)
+    return (next_reset < steps[0].shape[0]) & (
+        jnp.maximum(next_counted, first_counted) >= next_reset)
+
+
+def sanitize(window: tuple[Any, Array], dead_steps: Array) -> tuple[Any, Array]:
+    """The window's `(xs, resets)` with its dead steps zeroed and reset: a select, so
+    nothing they held reaches a value or a gradient."""
+    xs, resets = window
+    xs = jax.tree.map(lambda leaf: jnp.where(
+        dead_steps.reshape(dead_steps.shape + (1,) * (leaf.ndim - 2)), jnp.zeros_like(leaf),
+        leaf), xs)
+    return xs, resets | dead_steps
 
 
 def _zeros(shape: tuple[int, ...], dtype: Any, part: Any) -> Array:

@@ -216,7 +216,8 @@ def test_structured_predictions_train_as_one_array(lstm, data, framework, tail):
     (expected, expected_params), (losses, params) = runs
     assert losses.shape == ((3,) if tail == "partial" else (2,))
     np.testing.assert_array_equal(losses, expected)
-    assert tree_difference(params, expected_params) == 0.0
+    # JAX compiles the two models apart, and XLA may order a sum differently in each.
+    assert tree_difference(params, expected_params) <= (1e-14 if framework == "jax" else 0.0)
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
