@@ -16,9 +16,6 @@ table). Run from the checkout:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +29,7 @@ import torch
 
 import tbptt_jax
 import tbptt_torch
-from benchmarks.suite import _cpu_model, _git_commit
+from benchmarks import suite
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 INPUT, HIDDEN, BATCH, STEPS = 4, 64, 8, 400
@@ -96,11 +93,14 @@ def measure_stream(k1: int, k2: int, segments: Sequence[int]) -> dict[str, Any]:
 
 def render(results: dict[str, Any]) -> str:
     rows = {(r["k1"], r["k2"]): r for r in results["recipes"]}
-    lines = [f"# JAX compile time for the TBPTT(k1, k2) recipe ({results['machine']})", "",
+    environment = results["environment"]
+    versions = environment["versions"]
+    lines = [f"# JAX compile time for the TBPTT(k1, k2) recipe ({environment['machine']['cpu']}, "
+             f"{environment['machine']['logical_cores']} cores)", "",
              f"LSTM I={INPUT} H={HIDDEN} B={BATCH} T={STEPS}, float32, Adam; jax "
-             f"{results['versions']['jax']}, torch {results['versions']['torch']} "
-             f"({results['versions']['torch_threads']} thread); revision "
-             f"{results['revision']}.", "",
+             f"{versions['jax']}, torch {versions['torch']} "
+             f"({environment['threads']['torch_intra_op']} thread); revision "
+             f"{versions['tbptt']}.", "",
              "| k1, k2 | JAX first call | JAX second call | torch trainer | first call / "
              "TBPTT(k2, k2)'s |", "|---|---:|---:|---:|---:|"]
     for (k1, k2), row in rows.items():
@@ -122,18 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="compile-time", help="results file stem")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = {
-        "revision": _git_commit(), "machine": f"{_cpu_model()}, {os.cpu_count()} cores",
-        "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                     "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
-        "recipes": [], "stream": None,
-    }
+    results = {"environment": suite.environment("cpu"), "recipes": [], "stream": None}
     for k1, k2 in RECIPES:
         results["recipes"].append(measure_recipe(k1, k2))
         print(results["recipes"][-1], file=sys.stderr, flush=True)
     results["stream"] = measure_stream(*STREAM)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    suite.write_results(results, args.out, args.name)
     (args.out / f"{args.name}.md").write_text(render(results))
     print(render(results))
     return 0

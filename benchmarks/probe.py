@@ -17,7 +17,6 @@ range, and JAX's median L rate against the best probe median and the best single
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -108,8 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = [".venv/bin/python -m benchmarks.probe", *(sys.argv[1:] if argv is None else argv)]
     results.update(environment=suite.environment("cpu"), command=command,
                    written=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    suite.write_results(results, args.out, args.name)
     (args.out / f"{args.name}.md").write_text(render_markdown(results))
     print(render_markdown(results))
     return 0
