@@ -2,10 +2,11 @@
 
 The forum's recipe updates often and backpropagates far (k1 of 1-5 steps, k2 of 35-100).
 For each (k1, k2) this times, in one process, JAX's first call of `tbptt_train_step` on a
-fresh sequence (compile and run), its second call with the same shapes (run only), and one
-call of the torch trainer on the same model and data; then a stream fed in three segments
-(its calls' times show whether a later call compiles again). One configuration: an LSTM,
-I=4, H=64, B=8, T=400, float32, Adam, torch on one thread.
+fresh sequence (compile and run), its second call with the same shapes (run only), the
+median of seven more (the steady state), and one call of the torch trainer on the same
+model and data; then a stream fed in three segments (its calls' times show whether a later
+call compiles again). One configuration: an LSTM, I=4, H=64, B=8, T=400, float32, Adam,
+torch on one thread.
 
 Writes `<out>/<name>.json` (versions, machine, every time) and `<out>/<name>.md` (the
 table). Run from the checkout:
@@ -35,6 +36,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 INPUT, HIDDEN, BATCH, STEPS = 4, 64, 8, 400
 RECIPES = ((50, 50), (5, 50), (1, 35), (35, 35), (2, 100), (100, 100))
 STREAM = (5, 50, (100, 100, 100))  # k1, k2, segment lengths
+STEADY_CALLS = 7  # after the second call; their median is the steady-state time
 
 
 def _timed(call: Callable[[], Any]) -> float:
@@ -52,7 +54,8 @@ def _problem(seed: int = 0) -> tuple[dict, np.ndarray, np.ndarray, tbptt_torch.m
 
 
 def measure_recipe(k1: int, k2: int) -> dict[str, float]:
-    """JAX's first and second call and the torch trainer's call for one (k1, k2)."""
+    """JAX's first and second call, the median of its next STEADY_CALLS, and the torch
+    trainer's call, for one (k1, k2)."""
     weights, xs, ys, torch_model = _problem()
     model = tbptt_jax.models.lstm(INPUT, HIDDEN, INPUT)
     optimizer = optax.adam(1e-3)  # one object for both calls: the same program
@@ -64,12 +67,13 @@ def measure_recipe(k1: int, k2: int) -> dict[str, float]:
             loss_fn=tbptt_jax.losses.mse, optimizer=optimizer, k1=k1, k2=k2)
 
     first, second = _timed(jax_call), _timed(jax_call)
+    steady = float(np.median([_timed(jax_call) for _ in range(STEADY_CALLS)]))
     torch_optimizer = torch.optim.Adam(torch_model.parameters(), lr=1e-3)
     torch_seconds = _timed(lambda: tbptt_torch.tbptt_train_step(
         torch_model, torch_optimizer, None, torch.from_numpy(xs), torch.from_numpy(ys),
         loss_fn=tbptt_torch.losses.mse, k1=k1, k2=k2)[1])
     return {"k1": k1, "k2": k2, "jax_first_s": first, "jax_second_s": second,
-            "torch_s": torch_seconds}
+            "jax_steady_s": steady, "torch_s": torch_seconds}
 
 
 def measure_stream(k1: int, k2: int, segments: Sequence[int]) -> dict[str, Any]:
@@ -101,13 +105,13 @@ def render(results: dict[str, Any]) -> str:
              f"{versions['jax']}, torch {versions['torch']} "
              f"({environment['threads']['torch_intra_op']} thread); revision "
              f"{versions['tbptt']}.", "",
-             "| k1, k2 | JAX first call | JAX second call | torch trainer | first call / "
-             "TBPTT(k2, k2)'s |", "|---|---:|---:|---:|---:|"]
+             "| k1, k2 | JAX first call | JAX second call | JAX steady (median) | torch "
+             "trainer | first call / TBPTT(k2, k2)'s |", "|---|---:|---:|---:|---:|---:|"]
     for (k1, k2), row in rows.items():
         same = rows.get((k2, k2))
         ratio = f"{row['jax_first_s'] / same['jax_first_s']:.2f}" if same else ""
         lines.append(f"| {k1}, {k2} | {row['jax_first_s']:.2f} s | {row['jax_second_s']:.3f} s "
-                     f"| {row['torch_s']:.3f} s | {ratio} |")
+                     f"| {row['jax_steady_s']:.3f} s | {row['torch_s']:.3f} s | {ratio} |")
     stream = results["stream"]
     lines += ["", f"A stream of TBPTT({stream['k1']}, {stream['k2']}) in segments of "
               f"{stream['segments']} steps, each call: "
