@@ -44,6 +44,7 @@ from tbptt.checks import (
     TAILS,
     check_carry,
     check_choice,
+    check_class_ids,
     check_float_dtypes,
     check_k,
     check_mask,
@@ -51,6 +52,8 @@ from tbptt.checks import (
     check_param_shapes,
     check_resets,
     check_sequences,
+    class_count,
+    declared_class_axis,
     model_fails,
 )
 from tbptt.stream import NONFINITE, NonFiniteLossError, OverlapCarry, nonfinite_message
@@ -528,17 +531,7 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
         if jax.tree.structure(expected) != jax.tree.structure(carry) or \
                 _describe(carry) != _describe(expected):
             check_carry(_describe(expected), _describe(carry), batch)
-    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
-    extra = () if resets is None and state.overlap_resets is None else (
-        _no_resets(first_step),)
-    kwargs = {} if state.key is None else {"key": state.key}
-    try:
-        out_carry, preds = jax.eval_shape(
-            lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs), params, carry,
-            first_step)
-    except Exception as error:  # the trace of a user's apply_fn may fail in any way
-        _check_carry_split(carry, xs, error)
-        raise model_fails(_describe(carry), _describe_data(xs), error) from error
+    out_carry, preds = _first_step(config, state, xs, resets is not None)
     if jax.tree.structure(out_carry) != jax.tree.structure(carry) or \
             _describe(out_carry) != _describe(carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
@@ -557,6 +550,40 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
                          f"shape (1, {batch}) for one step, got "
                          f"{getattr(losses, 'shape', type(losses).__name__)}")
     return sequence
+
+
+def _first_step(config: _Config, state: TBPTTState, xs: Any, resets: bool) -> tuple[Any, Any]:
+    """The shapes and dtypes of `(carry, preds)` the model gives for the first step of xs
+    (traced, not run); a model that fails says so with what it was given."""
+    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
+    extra = (_no_resets(first_step),) if resets or state.overlap_resets is not None else ()
+    kwargs = {} if state.key is None else {"key": state.key}
+    try:
+        return jax.eval_shape(lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs),
+                              state.params, state.carry, first_step)
+    except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        _check_carry_split(state.carry, xs, error)
+        raise model_fails(_describe(state.carry), _describe_data(xs), error) from error
+
+
+def _check_class_ids(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: bool,
+                     mask: Array | None) -> None:
+    """For a loss that declares it takes class ids (`tbptt.takes_class_ids`): every id of
+    `ys` the mask counts must lie within the classes the model's predictions score. Run by
+    `tbptt_train_step` before the compiled step, which cannot raise: there an id outside
+    would only make its loss term NaN."""
+    class_axis = declared_class_axis(config.loss_fn)
+    if class_axis is None:
+        return
+    if not isinstance(ys, jax.Array):
+        raise ValueError(f"ys must be one array of class ids for a loss_fn that takes them "
+                         f"(loss_fn.class_axis), got {_describe_data(ys)}")
+    _, preds = _first_step(config, state, xs, resets)
+    if not hasattr(preds, "shape"):
+        raise ValueError(f"the model's predictions must be one array for a loss_fn that "
+                         f"takes class ids (loss_fn.class_axis), got {_describe(preds)}")
+    check_class_ids("ys", np.asarray(ys), class_count(preds.shape, class_axis),
+                    None if mask is None else np.asarray(mask) != 0)
 
 
 def tbptt_train_step(
@@ -628,6 +655,7 @@ def tbptt_train_step(
     mask = None if mask is None else _as_arrays(mask)
     length, batch = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
     state = _state_of(config, params, opt_state, carry, xs, resets, key, updates_done)
+    _check_class_ids(config, state, xs, ys, resets is not None, mask)
     state, metrics = configured.step(state, xs, ys, resets=resets, mask=mask)
 
     if on_nonfinite == "raise":
