@@ -128,6 +128,21 @@ def check_carry(expected: object, got: object, batch_size: int) -> None:
                          f"{expected}, got {got}")
 
 
+def flattened_preds(name: str, shape: Sequence[int], steps: int, batch: int) -> bool:
+    """Whether a prediction of `shape`, from a model call over `steps` steps of `batch`
+    sequences, is flattened time-major, `[steps * batch, ...]` (as `.view(-1, V)` makes of
+    `[steps, batch, V]`, e.g. word_language_model's `RNNModel`), rather than `[steps,
+    batch, ...]`. A trainer cutting a window's predictions to its loss steps must know.
+    With one sequence the two read alike, and it says False."""
+    if len(shape) >= 1 and shape[0] == steps:
+        return False
+    if len(shape) >= 1 and shape[0] == steps * batch:
+        return True
+    raise ValueError(f"{name} must be [t, B, ...], or [t * B, ...] flattened time-major, for "
+                     f"a model call over t = {steps} steps of B = {batch} sequences; got "
+                     f"shape {tuple(shape)}")
+
+
 def model_fails(carry: object, xs: str, error: Exception) -> ValueError:
     """The error for a model that cannot run on the carry and xs it was given (described as
     the frameworks describe them: xs by its shape), quoting what the model raised."""

@@ -47,6 +47,7 @@ from tbptt.checks import (
     check_sequences,
     class_count,
     declared_class_axis,
+    flattened_preds,
     model_fails,
 )
 from tbptt.schedule import Update, plan, run_window
@@ -89,9 +90,15 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = _detach(start_carry)
 
+    flattened = []  # per leaf of the predictions, whether the model gives [t * B, ...]
+
     def run(carry, lo, hi):
         resets = None if window_resets is None else window_resets[lo:hi]
-        return _run_model(model, carry, _steps(window_xs, lo, hi), resets)
+        carry, preds = _run_model(model, carry, _steps(window_xs, lo, hi), resets)
+        layout = [flattened_preds(f"the model's predictions{path}", leaf.shape, hi - lo, batch)
+                  for path, leaf in tree.leaves(preds)]
+        flattened[:] = layout
+        return carry, _in_steps(preds, layout, batch)
 
     first = update.index == 0
     try:
@@ -101,6 +108,7 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
         if not first:
             raise
         raise model_fails(_describe(start_carry), xs, error) from error
+    preds = _as_model_gave(preds, flattened)
     if first and _describe(handoff_carry) != _describe(start_carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
                          f"{_describe(start_carry)}, the model returns "
@@ -131,6 +139,20 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
         if reduction == "mean":
             loss = loss / torch.where(weight > 0, weight, torch.ones_like(weight))
     return loss, weight, _detach(handoff_carry)
+
+
+def _in_steps(preds: Any, flattened: list[bool], batch: int) -> Any:
+    """Predictions as `[t, B, ...]`, each leaf the model gave flattened unflattened, so the
+    window can be cut and joined by steps."""
+    layout = iter(flattened)
+    return tree.map_leaves(lambda leaf: leaf.unflatten(0, (-1, batch)) if next(layout)
+                           else leaf, preds)
+
+
+def _as_model_gave(preds: Any, flattened: list[bool]) -> Any:
+    """The loss steps' predictions in the layout the model gave them, for `loss_fn`."""
+    layout = iter(flattened)
+    return tree.map_leaves(lambda leaf: leaf.flatten(0, 1) if next(layout) else leaf, preds)
 
 
 def _steps(data: Any, lo: int, hi: int) -> Any:
@@ -255,8 +277,9 @@ def tbptt_train_step(
 
     Args:
       model: `forward(xs, carry[, resets]) -> (preds, carry)` over a time-major chunk, e.g.
-        `tbptt_torch.models.LSTMModel`; `preds` a tensor `[t, B, ...]` or a structure of
-        them, as `loss_fn` reads it.
+        `tbptt_torch.models.LSTMModel`; `preds` a tensor `[t, B, ...]`, or `[t * B, ...]`
+        flattened time-major (word_language_model's `RNNModel`), or a structure of them;
+        `loss_fn` gets the loss steps' in the same layout.
       optimizer: any `torch.optim.Optimizer` over the model's parameters.
       carry: the state before the first step; None for the model's zero carry; or the carry
         a previous call returned, to continue the stream (an `OverlapCarry` if k2 > k1).

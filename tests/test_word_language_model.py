@@ -16,10 +16,12 @@ differ between a loop and a trainer, and between frameworks.
 from __future__ import annotations
 
 import copy
+import re
 
 import jax
 import numpy as np
 import optax
+import pytest
 import torch
 
 import tbptt_jax
@@ -163,3 +165,78 @@ def test_parity_compare_takes_the_token_ids_as_they_are():
     assert report.ok, report.format()
     assert report.updates == 21
     assert max(report.largest_gaps().values()) <= EXACT
+
+
+# -- k2 > k1: windows of flattened predictions cut to their loss steps ---------------------
+
+def flat_apply(params: dict, carry: tuple, tokens: jax.Array) -> tuple[tuple, jax.Array]:
+    """The port with RNNModel's own layout: log-probabilities `[t * B, V]`."""
+    carry, log_probs = rnn_model_apply(params, carry, tokens)
+    return carry, log_probs.reshape(-1, wlm.ntokens)
+
+
+def jax_nll_of_flat(log_probs: jax.Array, targets: jax.Array) -> jax.Array:
+    return tbptt_jax.losses.nll(log_probs.reshape(*targets.shape, -1), targets)
+
+
+def test_flattened_predictions_train_with_k2_above_k1_in_both_frameworks():
+    """TBPTT(5, 8): each window's first 3 steps are overlap, whose predictions the trainers
+    drop. RNNModel's `[t * B, V]` (rows step by step) is cut by steps, not rows, as the
+    port's `[t, B, V]` is: torch on RNNModel, the port in `[t, B, V]` and the port in
+    `[t * B, V]` train alike over 21 updates to 1e-10 (float64, dropout off, clipped SGD)."""
+    model = make_model()
+    xs, ys = token_stream()
+    params = {name: jax.numpy.asarray(value) for name, value in tbptt_torch.to_jax(model).items()}
+    carry = tuple(jax.numpy.asarray(part.numpy()) for part in model.init_hidden(BATCH))
+    optimizer = optax.chain(clip_by_global_norm_torch(0.25), optax.sgd(wlm.lr))
+    runs = [run_jax(params, carry, xs.numpy(), ys.numpy(), apply_fn=apply_fn, loss_fn=loss_fn,
+                    k1=BPTT, k2=8, optimizer=optimizer)
+            for apply_fn, loss_fn in ((rnn_model_apply, tbptt_jax.losses.nll),
+                                      (flat_apply, jax_nll_of_flat))]
+    torch_run = run_torch(model, torch.optim.SGD(model.parameters(), lr=wlm.lr),
+                          model.init_hidden(BATCH), xs.numpy(), ys.numpy(), loss_fn=nll_of_flat,
+                          k1=BPTT, k2=8, clip_grad_norm=0.25)
+
+    assert len(torch_run.losses) == 21
+    for jax_run in runs:
+        gaps = assert_parity(jax_run._replace(grads=clipped(jax_run.grads, 0.25)), torch_run,
+                             EXACT)
+        assert max(gaps.values()) <= EXACT
+
+
+class BatchMajorRNNModel(wlm.RNNModel):
+    """RNNModel with its predictions batch-major, `[B, t, V]`: neither layout a trainer can
+    cut by steps."""
+
+    def forward(self, input, hidden):
+        log_probs, hidden = super().forward(input, hidden)
+        return log_probs.view(*input.shape, -1).transpose(0, 1), hidden
+
+
+def test_predictions_neither_time_major_nor_flattened_are_refused_in_both_frameworks():
+    """Before, a window was cut by its first axis whatever it held; now any other layout
+    is a ValueError saying which two are read (dropout off)."""
+    expected = ("the model's predictions must be [t, B, ...], or [t * B, ...] flattened "
+                "time-major, for a model call over t = 5 steps of B = 4 sequences; got "
+                "shape (4, 5, 10)")
+    torch.manual_seed(0)
+    model = BatchMajorRNNModel("LSTM", wlm.ntokens, 3, 4, 2, dropout=0.0).double()
+    xs, ys = token_stream(12)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tbptt_torch.tbptt_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0),
+                                     model.init_hidden(BATCH), xs, ys, k1=5,
+                                     loss_fn=lambda lp, y: tbptt_torch.losses.nll(
+                                         lp.transpose(0, 1), y))
+    params = {name: jax.numpy.asarray(value) for name, value in tbptt_torch.to_jax(model).items()}
+
+    def batch_major_apply(params, carry, tokens):
+        carry, log_probs = rnn_model_apply(params, carry, tokens)
+        return carry, log_probs.transpose(1, 0, 2)
+
+    sgd = optax.sgd(1.0)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        tbptt_jax.tbptt_train_step(
+            params, sgd.init(params), tuple(jax.numpy.asarray(p.numpy())
+                                            for p in model.init_hidden(BATCH)),
+            xs.numpy(), ys.numpy(), apply_fn=batch_major_apply, optimizer=sgd, k1=5,
+            loss_fn=lambda lp, y: tbptt_jax.losses.nll(lp.transpose(1, 0, 2), y))
