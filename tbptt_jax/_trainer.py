@@ -586,6 +586,17 @@ def _first_step(config: _Config, state: TBPTTState, xs: Any, resets: bool) -> tu
         raise model_fails(_describe(state.carry), _describe_data(xs), error) from error
 
 
+@partial(jax.jit, static_argnames=("config", "resets"))
+def _one_step(params: Params, carry: Carry, first_step: Any, key: Array | None, *,
+              config: _Config, resets: bool) -> tuple[Carry, Any]:
+    """The model over one step, as `_first_step` traces it; only its shapes are asked for
+    (`eval_shape`), and jit keeps the trace, so asking again for the same shapes costs
+    tens of microseconds, not a trace of the model (milliseconds)."""
+    extra = (_no_resets(first_step),) if resets else ()
+    return config.apply_fn(params, carry, first_step, *extra,
+                           **({} if key is None else {"key": key}))
+
+
 def _check_class_ids(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: bool,
                      mask: Array | None) -> None:
     """For a loss that declares it takes class ids (`tbptt.takes_class_ids`): every id of
@@ -598,7 +609,14 @@ def _check_class_ids(config: _Config, state: TBPTTState, xs: Any, ys: Any, reset
     if not isinstance(ys, jax.Array):
         raise ValueError(f"ys must be one array of class ids for a loss_fn that takes them "
                          f"(loss_fn.class_axis), got {_describe_data(ys)}")
-    _, preds = _first_step(config, state, xs, resets)
+    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
+    try:
+        _, preds = _one_step.eval_shape(state.params, state.carry, first_step, state.key,
+                                        config=config,
+                                        resets=resets or state.overlap_resets is not None)
+    except Exception:  # the trace of a user's apply_fn may fail in any way: said clearly
+        _first_step(config, state, xs, resets)
+        raise
     if not hasattr(preds, "shape"):
         raise ValueError(f"the model's predictions must be one array for a loss_fn that "
                          f"takes class ids (loss_fn.class_axis), got {_describe(preds)}")
