@@ -13,10 +13,11 @@ from tbptt.checks import (
     check_int,
     check_k,
     check_overlap,
+    takes_class_ids,
 )
 from tbptt.schedule import Schedule, Update, plan, run_window
 from tbptt.stream import NonFiniteLossError, OverlapCarry
 
 __all__ = ["ON_NONFINITE", "REDUCTIONS", "TAILS", "NonFiniteLossError", "OverlapCarry",
            "Schedule", "Update", "check_choice", "check_int", "check_k", "check_overlap", "plan",
-           "run_window"]
+           "run_window", "takes_class_ids"]

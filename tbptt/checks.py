@@ -1,13 +1,19 @@
 """Argument checks both trainers share, so the two frameworks reject bad input alike.
 
 Each check raises `ValueError` naming the argument, the value expected and the value given
-(SPEC §4). They see only Python values and shapes, never a framework's arrays.
+(SPEC §4). They see Python values, shapes and, for class ids, numpy arrays, never a
+framework's arrays.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+F = TypeVar("F", bound=Callable)
 
 REDUCTIONS = ("mean", "sum")
 TAILS = ("partial", "drop")
@@ -122,6 +128,21 @@ def check_carry(expected: object, got: object, batch_size: int) -> None:
                          f"{expected}, got {got}")
 
 
+def flattened_preds(name: str, shape: Sequence[int], steps: int, batch: int) -> bool:
+    """Whether a prediction of `shape`, from a model call over `steps` steps of `batch`
+    sequences, is flattened time-major, `[steps * batch, ...]` (as `.view(-1, V)` makes of
+    `[steps, batch, V]`, e.g. word_language_model's `RNNModel`), rather than `[steps,
+    batch, ...]`. A trainer cutting a window's predictions to its loss steps must know.
+    With one sequence the two read alike, and it says False."""
+    if len(shape) >= 1 and shape[0] == steps:
+        return False
+    if len(shape) >= 1 and shape[0] == steps * batch:
+        return True
+    raise ValueError(f"{name} must be [t, B, ...], or [t * B, ...] flattened time-major, for "
+                     f"a model call over t = {steps} steps of B = {batch} sequences; got "
+                     f"shape {tuple(shape)}")
+
+
 def model_fails(carry: object, xs: str, error: Exception) -> ValueError:
     """The error for a model that cannot run on the carry and xs it was given (described as
     the frameworks describe them: xs by its shape), quoting what the model raised."""
@@ -139,3 +160,62 @@ def check_float_dtypes(params: set[str], carry: set[str], xs: set[str], *, hint:
         return "/".join(sorted(dtypes)) or "none"
     raise ValueError(f"params, carry and xs must share one floating-point dtype; got params "
                      f"{name(params)}, carry {name(carry)}, xs {name(xs)}{hint}")
+
+
+def takes_class_ids(loss_fn: F, class_axis: int = -1) -> F:
+    """Declares that `loss_fn(preds, targets)` reads its targets as integer class ids
+    counting along axis `class_axis` of `preds`, and returns it (a decorator, too).
+
+    Both trainers' one-call forms then check the targets of a call before training on
+    it (`check_class_ids`). The library's `cross_entropy` and `nll` declare
+    `class_axis=-1`; the declaration is the attribute `loss_fn.class_axis`.
+    """
+    loss_fn.class_axis = _check_axis("class_axis", class_axis)  # type: ignore[attr-defined]
+    return loss_fn
+
+
+def _check_axis(name: str, axis: object) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"{name} must be an int (an axis of the predictions), got {axis!r}")
+    return int(axis)
+
+
+def declared_class_axis(loss_fn: object) -> int | None:
+    """The `class_axis` a loss declares (`takes_class_ids`), or None if it declares none."""
+    class_axis = getattr(loss_fn, "class_axis", None)
+    if class_axis is None:
+        return None
+    return _check_axis("loss_fn.class_axis", class_axis)
+
+
+def class_count(preds_shape: Sequence[int], class_axis: int) -> int:
+    """How many classes predictions of `preds_shape` score along `class_axis`."""
+    if not -len(preds_shape) <= class_axis < len(preds_shape):
+        raise ValueError(f"loss_fn.class_axis must be an axis of the model's predictions, of "
+                         f"shape {tuple(preds_shape)}, got {class_axis}")
+    return int(preds_shape[class_axis])
+
+
+def check_class_ids(name: str, ids: np.ndarray, classes: int,
+                    counted: np.ndarray | None = None) -> None:
+    """Class ids `[T, B, ...]` must be integers in `[0, classes)`; `counted` (bool `[T, B]`,
+    or None for all) leaves out terms a mask weighs 0, whose targets are never read.
+
+    The message names the first id outside the range, its position, and how many more
+    there are. Costs a min and a max over `ids` when they are in range.
+    """
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer class ids for a loss_fn that takes class "
+                         f"ids (loss_fn.class_axis), got {ids.dtype}")
+    if counted is not None:
+        counted = counted.reshape(counted.shape + (1,) * (ids.ndim - counted.ndim))
+        ids = np.where(counted, ids, 0)
+    if ids.size == 0 or (ids.min() >= 0 and ids.max() < classes):
+        return
+    outside = (ids < 0) | (ids >= classes)
+    position = tuple(int(i) for i in np.unravel_index(np.argmax(outside), ids.shape))
+    more = int(outside.sum()) - 1
+    others = f"; {more} more {'is' if more == 1 else 'are'} outside it" if more else ""
+    raise ValueError(f"{name} must be class ids in [0, {classes}) (the classes the model "
+                     f"predicts), got {int(ids[position])} at {name}{list(position)} (step "
+                     f"t={position[0]} of sequence b={position[1]}){others}")

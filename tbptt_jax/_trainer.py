@@ -44,6 +44,7 @@ from tbptt.checks import (
     TAILS,
     check_carry,
     check_choice,
+    check_class_ids,
     check_float_dtypes,
     check_k,
     check_mask,
@@ -51,6 +52,9 @@ from tbptt.checks import (
     check_param_shapes,
     check_resets,
     check_sequences,
+    class_count,
+    declared_class_axis,
+    flattened_preds,
     model_fails,
 )
 from tbptt.stream import NONFINITE, NonFiniteLossError, OverlapCarry, nonfinite_message
@@ -124,11 +128,16 @@ def trainer(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.GradientTransfo
 
     Args:
       apply_fn: `(params, carry, xs[, resets][, key=]) -> (carry, preds)` over a time-major
-        chunk (`preds` an array `[t, B, ...]` or any pytree of them); it gets `resets` only
+        chunk (`preds` an array `[t, B, ...]`, or `[t * B, ...]` flattened time-major, or
+        any pytree of them; `loss_fn` gets the loss steps' in the same layout); it gets
+        `resets` only
         when the stream has resets and `key` only when the state has a key. A model's bound
         `apply` (e.g. `tbptt_jax.models.lstm(...).apply`) also lends the trainer the
         model's `initial_carry` and `param_shapes`.
-      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`.
+      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_jax.losses.mse`. `step` is
+        compiled and cannot raise on a class id outside the model's classes: the token
+        losses make that term NaN and the update is skipped, `metrics["nonfinite"]`
+        saying "loss" (`tbptt_train_step` checks the ids first and raises).
       optimizer: any `optax.GradientTransformation`.
       k1: steps between updates; each update owns k1 loss steps.
       k2: steps each update backpropagates through (k2 >= k1; defaults to k1).
@@ -193,7 +202,12 @@ def _init(config: _Config, params: Params, xs: Any, carry: Carry | None = None, 
 
 def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
           mask: Array | None = None, *, config: _Config) -> tuple[TBPTTState, dict[str, Any]]:
-    length, batch = _check_step(config, state, xs, ys, resets, mask)
+    (length, batch), step_preds = _check_step(config, state, xs, ys, resets, mask)
+    # Which leaves of the predictions the model gives flattened, [t * B, ...]: the windows
+    # run on them as [t, B, ...] (`apply_part`), and the loss gets them as the model gave.
+    flattened = jax.tree.map(
+        lambda leaf: flattened_preds("the model's predictions", leaf.shape, 1, batch),
+        step_preds)
     k1, overlap = config.k1, config.overlap
     full_updates, remainder = divmod(length, k1)
     partial_tail = config.tail == "partial" and remainder > 0
@@ -225,7 +239,12 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         part_xs, part_resets = part
         kwargs = {} if key is None else {"key": jax.random.fold_in(key, offset)}
         extra = () if part_resets is None else (part_resets,)
-        return config.apply_fn(params, carry, part_xs, *extra, **kwargs)
+        carry, preds = config.apply_fn(params, carry, part_xs, *extra, **kwargs)
+        steps = _windows.leading(part_xs)
+        return carry, jax.tree_util.tree_map_with_path(
+            lambda path, leaf: leaf.reshape(steps, batch, *leaf.shape[1:]) if flattened_preds(
+                f"the model's predictions{jax.tree_util.keystr(path)}", leaf.shape, steps,
+                batch) else leaf, preds)
 
     def update(params, opt_state, start_carry, window_start, index, *, loss_steps,
                padded=True):
@@ -250,6 +269,9 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
                 handoff_carry, preds = run(
                     partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
                     jax.lax.stop_gradient(initial_carry), window, pad, **geometry)
+                preds = jax.tree.map(
+                    lambda leaf, flat: leaf.reshape(-1, *leaf.shape[2:]) if flat else leaf,
+                    preds, flattened)
                 loss, weight = _reduce(config.loss_fn, preds, targets, weights,
                                        config.reduction)
                 return loss, (weight, handoff_carry)
@@ -487,9 +509,10 @@ def _check_carry_split(carry: Carry, xs: Any, error: Exception | None) -> None:
 
 
 def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Array | None,
-                mask: Array | None) -> tuple[int, int]:
+                mask: Array | None) -> tuple[tuple[int, int], Any]:
     """Checks a step's arguments against each other, the model and the loss; runs while
-    tracing, once per compiled program."""
+    tracing, once per compiled program. Returns `(T, B)` and the shapes of the model's
+    predictions for one step."""
     sequence = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
     for name, tree in (("xs", xs), ("ys", ys), ("resets", resets)):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -528,17 +551,7 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
         if jax.tree.structure(expected) != jax.tree.structure(carry) or \
                 _describe(carry) != _describe(expected):
             check_carry(_describe(expected), _describe(carry), batch)
-    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
-    extra = () if resets is None and state.overlap_resets is None else (
-        _no_resets(first_step),)
-    kwargs = {} if state.key is None else {"key": state.key}
-    try:
-        out_carry, preds = jax.eval_shape(
-            lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs), params, carry,
-            first_step)
-    except Exception as error:  # the trace of a user's apply_fn may fail in any way
-        _check_carry_split(carry, xs, error)
-        raise model_fails(_describe(carry), _describe_data(xs), error) from error
+    out_carry, preds = _first_step(config, state, xs, resets is not None)
     if jax.tree.structure(out_carry) != jax.tree.structure(carry) or \
             _describe(out_carry) != _describe(carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
@@ -556,7 +569,59 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
         raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
                          f"shape (1, {batch}) for one step, got "
                          f"{getattr(losses, 'shape', type(losses).__name__)}")
-    return sequence
+    return sequence, preds
+
+
+def _first_step(config: _Config, state: TBPTTState, xs: Any, resets: bool) -> tuple[Any, Any]:
+    """The shapes and dtypes of `(carry, preds)` the model gives for the first step of xs
+    (traced, not run); a model that fails says so with what it was given."""
+    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
+    extra = (_no_resets(first_step),) if resets or state.overlap_resets is not None else ()
+    kwargs = {} if state.key is None else {"key": state.key}
+    try:
+        return jax.eval_shape(lambda p, c, x: config.apply_fn(p, c, x, *extra, **kwargs),
+                              state.params, state.carry, first_step)
+    except Exception as error:  # the trace of a user's apply_fn may fail in any way
+        _check_carry_split(state.carry, xs, error)
+        raise model_fails(_describe(state.carry), _describe_data(xs), error) from error
+
+
+@partial(jax.jit, static_argnames=("config", "resets"))
+def _one_step(params: Params, carry: Carry, first_step: Any, key: Array | None, *,
+              config: _Config, resets: bool) -> tuple[Carry, Any]:
+    """The model over one step, as `_first_step` traces it; only its shapes are asked for
+    (`eval_shape`), and jit keeps the trace, so asking again for the same shapes costs
+    tens of microseconds, not a trace of the model (milliseconds)."""
+    extra = (_no_resets(first_step),) if resets else ()
+    return config.apply_fn(params, carry, first_step, *extra,
+                           **({} if key is None else {"key": key}))
+
+
+def _check_class_ids(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: bool,
+                     mask: Array | None) -> None:
+    """For a loss that declares it takes class ids (`tbptt.takes_class_ids`): every id of
+    `ys` the mask counts must lie within the classes the model's predictions score. Run by
+    `tbptt_train_step` before the compiled step, which cannot raise: there an id outside
+    would only make its loss term NaN."""
+    class_axis = declared_class_axis(config.loss_fn)
+    if class_axis is None:
+        return
+    if not isinstance(ys, jax.Array):
+        raise ValueError(f"ys must be one array of class ids for a loss_fn that takes them "
+                         f"(loss_fn.class_axis), got {_describe_data(ys)}")
+    first_step = jax.tree.map(lambda leaf: leaf[:1], xs)
+    try:
+        _, preds = _one_step.eval_shape(state.params, state.carry, first_step, state.key,
+                                        config=config,
+                                        resets=resets or state.overlap_resets is not None)
+    except Exception:  # the trace of a user's apply_fn may fail in any way: said clearly
+        _first_step(config, state, xs, resets)
+        raise
+    if not hasattr(preds, "shape"):
+        raise ValueError(f"the model's predictions must be one array for a loss_fn that "
+                         f"takes class ids (loss_fn.class_axis), got {_describe(preds)}")
+    check_class_ids("ys", np.asarray(ys), class_count(preds.shape, class_axis),
+                    None if mask is None else np.asarray(mask) != 0)
 
 
 def tbptt_train_step(
@@ -594,7 +659,11 @@ def tbptt_train_step(
       ys: targets, `[T, B, ...]` with the same T and B (or a pytree of them).
       apply_fn, loss_fn, optimizer, k1, k2, reduction, tail, trace: as `trainer` takes
         them. Pass the same function and optimizer objects on every call: new ones are a
-        new static argument and compile anew.
+        new static argument and compile anew. For a loss that takes class ids
+        (`tbptt.takes_class_ids`: `losses.cross_entropy` and `losses.nll` do), every id of
+        `ys` the mask counts is checked here, before the compiled step, against the
+        classes the model's predictions score (their shape traced for one step): one
+        outside `[0, V)` raises `ValueError` and nothing trains.
       resets: optional bool `[T, B]`: where true, that sequence's carry is replaced by the
         model's zero carry before that step, in every window containing it.
       mask: optional `[T, B]`, bool or float weights of the loss terms (padding: 0).
@@ -628,6 +697,7 @@ def tbptt_train_step(
     mask = None if mask is None else _as_arrays(mask)
     length, batch = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
     state = _state_of(config, params, opt_state, carry, xs, resets, key, updates_done)
+    _check_class_ids(config, state, xs, ys, resets is not None, mask)
     state, metrics = configured.step(state, xs, ys, resets=resets, mask=mask)
 
     if on_nonfinite == "raise":

@@ -38,12 +38,16 @@ from tbptt.checks import (
     TAILS,
     check_carry,
     check_choice,
+    check_class_ids,
     check_float_dtypes,
     check_k,
     check_mask,
     check_overlap,
     check_resets,
     check_sequences,
+    class_count,
+    declared_class_axis,
+    flattened_preds,
     model_fails,
 )
 from tbptt.schedule import Update, plan, run_window
@@ -73,21 +77,28 @@ def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
 
 
 def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
-                 update: Update, loss_fn, reduction, batch: int, xs: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, Carry]:
+                 update: Update, loss_fn, reduction, batch: int, xs: str,
+                 check_preds: Callable[[Any], None]) -> tuple[torch.Tensor, torch.Tensor, Carry]:
     """`(loss, weight, carry)`: the loss of one update, the weight of its terms, and the
     carry it hands on.
 
     The first update of a call checks what it runs: the model on the carry and xs (`xs`
-    describes them) it is given, and the carry it returns; every update checks what
-    `loss_fn` returns. All of it before the update's optimizer step.
+    describes them) it is given, the carry it returns, and its predictions
+    (`check_preds`); every update checks what `loss_fn` returns. All of it before the
+    update's optimizer step.
     """
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = _detach(start_carry)
 
+    flattened = []  # per leaf of the predictions, whether the model gives [t * B, ...]
+
     def run(carry, lo, hi):
         resets = None if window_resets is None else window_resets[lo:hi]
-        return _run_model(model, carry, _steps(window_xs, lo, hi), resets)
+        carry, preds = _run_model(model, carry, _steps(window_xs, lo, hi), resets)
+        layout = [flattened_preds(f"the model's predictions{path}", leaf.shape, hi - lo, batch)
+                  for path, leaf in tree.leaves(preds)]
+        flattened[:] = layout
+        return carry, _in_steps(preds, layout, batch)
 
     first = update.index == 0
     try:
@@ -97,10 +108,13 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
         if not first:
             raise
         raise model_fails(_describe(start_carry), xs, error) from error
+    preds = _as_model_gave(preds, flattened)
     if first and _describe(handoff_carry) != _describe(start_carry):
         raise ValueError(f"carry must keep its structure and shapes through the model: got "
                          f"{_describe(start_carry)}, the model returns "
                          f"{_describe(handoff_carry)}")
+    if first:
+        check_preds(preds)
     if weights is not None:
         # Masked terms add nothing, whatever their targets hold: they are replaced before the
         # loss sees them, so not even a NaN target can reach the gradient.
@@ -125,6 +139,20 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
         if reduction == "mean":
             loss = loss / torch.where(weight > 0, weight, torch.ones_like(weight))
     return loss, weight, _detach(handoff_carry)
+
+
+def _in_steps(preds: Any, flattened: list[bool], batch: int) -> Any:
+    """Predictions as `[t, B, ...]`, each leaf the model gave flattened unflattened, so the
+    window can be cut and joined by steps."""
+    layout = iter(flattened)
+    return tree.map_leaves(lambda leaf: leaf.unflatten(0, (-1, batch)) if next(layout)
+                           else leaf, preds)
+
+
+def _as_model_gave(preds: Any, flattened: list[bool]) -> Any:
+    """The loss steps' predictions in the layout the model gave them, for `loss_fn`."""
+    layout = iter(flattened)
+    return tree.map_leaves(lambda leaf: leaf.flatten(0, 1) if next(layout) else leaf, preds)
 
 
 def _steps(data: Any, lo: int, hi: int) -> Any:
@@ -249,15 +277,20 @@ def tbptt_train_step(
 
     Args:
       model: `forward(xs, carry[, resets]) -> (preds, carry)` over a time-major chunk, e.g.
-        `tbptt_torch.models.LSTMModel`; `preds` a tensor `[t, B, ...]` or a structure of
-        them, as `loss_fn` reads it.
+        `tbptt_torch.models.LSTMModel`; `preds` a tensor `[t, B, ...]`, or `[t * B, ...]`
+        flattened time-major (word_language_model's `RNNModel`), or a structure of them;
+        `loss_fn` gets the loss steps' in the same layout.
       optimizer: any `torch.optim.Optimizer` over the model's parameters.
       carry: the state before the first step; None for the model's zero carry; or the carry
         a previous call returned, to continue the stream (an `OverlapCarry` if k2 > k1).
       xs: inputs, time-major: a tensor `[T, B, ...]` (floats or integer token ids), or
         tensors in nested tuples, lists and dicts; numpy arrays are taken too.
       ys: targets, `[T, B, ...]` with the same T and B (or a structure of them).
-      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_torch.losses.mse`.
+      loss_fn: `(preds, targets) -> losses[t, b]`, e.g. `tbptt_torch.losses.mse`. For a loss
+        that takes class ids (`tbptt.takes_class_ids`: `losses.cross_entropy` and
+        `losses.nll` do), every id of `ys` the mask counts is checked against the classes
+        the first window's predictions score, after that forward and before any backward
+        or optimizer step: one outside `[0, V)` raises `ValueError` with nothing trained.
       k1, k2, reduction, tail, resets, mask, on_nonfinite: as in
         `tbptt_jax.tbptt_train_step`. With on_nonfinite="raise", the updates before the
         failing one stay applied (the model is trained in place); the failing one is not.
@@ -327,6 +360,7 @@ def tbptt_train_step(
                          _dead(steps, slice(start, stop), loss_start))
 
     described = _describe_data(xs)
+    check_preds = _class_ids_check(loss_fn, ys, mask)
     losses = []
     for update in schedule.updates:
         optimizer.zero_grad(set_to_none=True)
@@ -334,7 +368,7 @@ def tbptt_train_step(
         loss, weight, state = _window_loss(
             model, state, *window(update.window_start, update.loss_stop, update.loss_start),
             _steps(ys, owned.start, owned.stop), None if mask is None else mask[owned],
-            update, loss_fn, reduction, batch, described)
+            update, loss_fn, reduction, batch, described, check_preds)
         loss.backward()
         # A non-finite loss, gradient or step result never reaches the parameters or the
         # optimizer state; nor does an update whose terms are all masked out.
@@ -388,6 +422,29 @@ def _counted(resets: torch.Tensor, mask: torch.Tensor | None, history: int, trai
     if mask is None:
         return counted
     return counted & torch.cat([torch.zeros_like(resets[:history]), mask != 0])
+
+
+def _class_ids_check(loss_fn: LossFn, ys: Any, mask: torch.Tensor | None
+                     ) -> Callable[[Any], None]:
+    """What the first update checks of its predictions: for a loss that declares it takes
+    class ids (`tbptt.takes_class_ids`), that every id of `ys` the mask counts lies within
+    the classes the predictions score, so that no update trains before a bad id is found
+    (torch's own error would come mid-call, from the update reading it)."""
+    class_axis = declared_class_axis(loss_fn)
+    if class_axis is None:
+        return lambda preds: None
+    if not isinstance(ys, torch.Tensor):
+        raise ValueError(f"ys must be one tensor of class ids for a loss_fn that takes them "
+                         f"(loss_fn.class_axis), got {_describe_data(ys)}")
+
+    def check(preds: Any) -> None:
+        if not isinstance(preds, torch.Tensor):
+            raise ValueError(f"the model's predictions must be one tensor for a loss_fn that "
+                             f"takes class ids (loss_fn.class_axis), got {_describe(preds)}")
+        check_class_ids("ys", ys.detach().cpu().numpy(), class_count(preds.shape, class_axis),
+                        None if mask is None else (mask != 0).cpu().numpy())
+
+    return check
 
 
 def _check_clip_grad_norm(clip_grad_norm: object) -> None:

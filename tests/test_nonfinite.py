@@ -32,6 +32,7 @@ import torch
 
 import tbptt_jax
 import tbptt_torch
+from tbptt.stream import NONFINITE
 from tbptt_jax import losses as jax_losses
 from tbptt_jax import models as jax_models
 from tbptt_torch import losses as torch_losses
@@ -107,18 +108,23 @@ def test_jax_raises_by_default_naming_the_update_and_applies_nothing(value):
 
 
 @pytest.mark.parametrize("label", [-1, OUTPUT])
-def test_jax_raises_on_a_label_outside_the_classes_and_applies_nothing(label):
-    # The model's OUTPUT classes are 0..OUTPUT-1: a label outside them makes that term's
-    # cross-entropy NaN (tbptt_jax.losses.cross_entropy), which stops the call.
-    params, opt_state = jax_start()
-    before = jax.tree.map(np.array, (params, opt_state))
+def test_a_compiled_step_skips_the_update_of_a_label_outside_the_classes(label):
+    # `trainer.step` runs compiled and cannot raise: a label outside the model's OUTPUT
+    # classes makes its cross-entropy term NaN (tbptt_jax.losses.cross_entropy), so its
+    # update is skipped for its loss. tbptt_train_step refuses such labels before it
+    # trains (tests/test_class_ids.py).
+    params, _ = jax_start()
     labels = np.zeros((STEPS, BATCH), np.int32)
     labels[BAD_STEP, 0] = label
-    with pytest.raises(tbptt_jax.NonFiniteLossError, match=re.escape(
-            f"update {BAD_UPDATE} of this call (counting from 0) has a non-finite loss (nan)")):
-        jax_step(params, opt_state, JAX_MODEL.initial_carry(BATCH, jnp.float64), XS, labels,
-                 loss_fn=jax_losses.cross_entropy)
-    assert_trees_close((params, opt_state), before, rtol=0, atol=0)
+    configured = tbptt_jax.trainer(JAX_MODEL.apply, jax_losses.cross_entropy, JAX_OPTIMIZER,
+                                   k1=K1)
+    state = configured.init(params, XS)
+    new_state, metrics = configured.step(state, jnp.asarray(XS), jnp.asarray(labels))
+    assert np.asarray(metrics["skipped"]).tolist() == [False, True, False]
+    assert [NONFINITE[code - 1] if code else None for code in np.asarray(
+        metrics["nonfinite"]).tolist()] == [None, "loss", None]
+    assert np.isnan(metrics["loss"][BAD_UPDATE]) and np.isfinite(metrics["loss"][0])
+    assert int(new_state.opt_state[0].count) == 2  # Adam stepped for updates 0 and 2 only
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf])
