@@ -36,6 +36,12 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
                         help="torch's intra-op threads (default 1: at these sizes two "
                         "OpenMP threads made an epoch 46 s against 6 s on one, docs/word_lm.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--parity", action="store_true",
+                        help="instead, check the JAX port against the torch model exactly "
+                        "(tbptt_parity.compare, dropout off, float64); needs both frameworks")
+    parser.add_argument("--dropout-study", action="store_true",
+                        help="instead, train both frameworks with dropout over several seeds "
+                        "and write examples/word_lm/results/dropout.*; needs both frameworks")
     args = parser.parse_args(argv)
     return args, Config(**{field.name: getattr(args, field.name)
                            for field in dataclasses.fields(Config)})
@@ -43,11 +49,23 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, config = parse(argv)
-    problem = frameworks.missing([args.framework])
+    both = args.parity or args.dropout_study
+    problem = frameworks.missing(["jax", "torch"] if both else [args.framework])
     if problem is not None:
-        print(f"python -m examples.word_lm --framework {args.framework} {problem}",
-              file=sys.stderr)
+        what = "--parity" if args.parity else "--dropout-study" if both else (
+            f"--framework {args.framework}")
+        print(f"python -m examples.word_lm {what} {problem}", file=sys.stderr)
         return 2
+    if args.parity:
+        from examples.word_lm import parity
+
+        report = parity.check()
+        print(report)
+        return 0 if report.ok else 1
+    if args.dropout_study:
+        from examples.word_lm import dropout
+
+        return dropout.main()
     start = time.perf_counter()
     words = corpus.load(config.vocab_size)
     data = streams(words.train, words.valid, config)

@@ -83,7 +83,7 @@ class WordLM:
                                                key=between_key)
         hidden = self._dropout(output_key, hidden)
         decoder = params["encoder.weight" if self.tied else "decoder.weight"]
-        return carry, hidden @ decoder.T + params["decoder.bias"]
+        return carry, hidden @ decoder.T + params["decoder.bias"][None, None]
 
     def _dropout(self, key: Array | None, values: Array) -> Array:
         if key is None or self.dropout == 0:
