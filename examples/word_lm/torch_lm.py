@@ -51,7 +51,7 @@ class WordLM(nn.Module):
         nn.init.zeros_(self.decoder.bias)
         nn.init.uniform_(self.decoder.weight, -init_range, init_range)
 
-    def forward(self, xs: torch.Tensor, carry: Any) -> tuple[torch.Tensor, Any]:
+    def forward(self, xs: torch.Tensor, carry: Any = None) -> tuple[torch.Tensor, Any]:
         embedded = self.drop(self.encoder(xs))
         hidden, carry = self.rnn(embedded, carry)
         return self.decoder(self.drop(hidden)), carry
