@@ -1,7 +1,7 @@
 """The benchmark suite: JAX's TBPTT trainer against four PyTorch ways of doing the same work.
 
-A *benchmark* is one configuration (`CONFIGS`: S, M, M-k2, L, char-rnn, word-LM, recipe,
-recipe-k2) with one
+A *benchmark* is one configuration (`CONFIGS`: S, M, M-k2, L, char-rnn, word-LM,
+word-LM-tokens, recipe, recipe-k2) with one
 cell (Elman, GRU, LSTM). For it, torch draws the initial weights once; every
 implementation starts from a copy of them (JAX's through `tbptt_torch.to_jax`) and trains
 on the same float32 data with Adam (lr 1e-3), TBPTT(k1, k2), mean reduction, partial tail.
@@ -63,6 +63,8 @@ import torch
 
 import tbptt_jax
 import tbptt_torch
+from examples.word_lm.jax_lm import WordLM as JaxWordLM
+from examples.word_lm.torch_lm import WordLM
 from tbptt.schedule import plan
 from tbptt_jax import _native, sharding
 
@@ -85,6 +87,10 @@ class Config:
     `task="classification"`: next-token labels `[T, B]` over `output_size` classes,
     cross-entropy; the input is the one-hot token when `input_size == output_size`, else
     a fixed (untrained) `input_size`-wide embedding of it.
+    `task="tokens"`: the same labels, the input the token ids `[T, B]` themselves, and the
+    model examples/word_lm's (word_language_model's `RNNModel` and its JAX port): a
+    trained `input_size`-wide embedding lookup, the recurrent stack, an `output_size`-word
+    decoder; dropout off.
     """
 
     name: str
@@ -111,6 +117,8 @@ CONFIGS: dict[str, Config] = {config.name: config for config in (
            "2 layers, one-hot characters of a 65-symbol vocabulary"),
     Config("word-LM", 200, 200, 10000, 2, 20, 350, 35, 35, "classification",
            "2 layers, 200-wide word embeddings in, a 10000-word softmax out"),
+    Config("word-LM-tokens", 200, 200, 10000, 2, 20, 350, 35, 35, "tokens",
+           "word-LM as word_language_model runs it: token ids in, a trained embedding"),
     Config("recipe", 4, 64, 4, 1, 8, 400, 2, 100, "regression",
            "the forum's TBPTT(k1, k2) recipe: update every 2 steps, backpropagate 100"),
     Config("recipe-k2", 4, 64, 4, 1, 8, 400, 100, 100, "regression",
@@ -169,7 +177,7 @@ class Problem:
     dtype: str  # "float32" or "bfloat16"
     model: torch.nn.Module  # the initial torch model, weights drawn by torch
     weights: dict[str, np.ndarray]  # the same weights, float32, for JAX
-    xs: np.ndarray  # float32 [T, B, I]
+    xs: np.ndarray  # float32 [T, B, I], or int64 token ids [T, B] (task "tokens")
     ys: np.ndarray  # float32 [T, B, O] (regression) or int64 labels [T, B]
     compile_allow_rnn: bool = False  # torch-compile: let dynamo trace nn.RNN/GRU/LSTM
 
@@ -177,8 +185,12 @@ class Problem:
 def make_problem(config: Config, cell: str, *, seed: int = 0, device: str = "cpu",
                  dtype: str = "float32", compile_allow_rnn: bool = False) -> Problem:
     torch.manual_seed(seed)
-    model = TORCH_MODELS[cell](config.input_size, config.hidden_size, config.output_size,
-                               config.num_layers)
+    if config.task == "tokens":
+        model = WordLM(cell, config.output_size, config.input_size, config.hidden_size,
+                       config.num_layers)
+    else:
+        model = TORCH_MODELS[cell](config.input_size, config.hidden_size, config.output_size,
+                                   config.num_layers)
     weights = tbptt_torch.to_jax(model)
     rng = np.random.default_rng(seed)
     shape = (config.steps, config.batch)
@@ -188,7 +200,9 @@ def make_problem(config: Config, cell: str, *, seed: int = 0, device: str = "cpu
         ys = np.roll(xs, 3, axis=0)[..., :config.output_size].copy()
     else:
         tokens = rng.integers(0, config.output_size, (config.steps + 1, config.batch))
-        if config.input_size == config.output_size:
+        if config.task == "tokens":
+            xs = tokens[:-1]
+        elif config.input_size == config.output_size:
             xs = np.eye(config.output_size, dtype=np.float32)[tokens[:-1]]
         else:
             embedding = rng.standard_normal((config.output_size, config.input_size),
@@ -236,15 +250,20 @@ class JaxImplementation(Implementation):
 
     def __init__(self, problem: Problem) -> None:
         config = problem.config
-        factory = getattr(tbptt_jax.models, problem.cell)
-        self.model = factory(config.input_size, config.hidden_size, config.output_size,
-                             num_layers=config.num_layers)
+        if config.task == "tokens":
+            self.model = JaxWordLM(problem.cell, config.output_size, config.input_size,
+                                   config.hidden_size, config.num_layers)
+        else:
+            factory = getattr(tbptt_jax.models, problem.cell)
+            self.model = factory(config.input_size, config.hidden_size, config.output_size,
+                                 num_layers=config.num_layers)
         dtype = JAX_DTYPES[problem.dtype]
         self.params = {name: jnp.asarray(value, dtype) for name, value in problem.weights.items()}
         self.optimizer = optax.adam(LEARNING_RATE)
         self.opt_state = self.optimizer.init(self.params)
         self.carry = self.model.initial_carry(config.batch, dtype)
-        self.xs = jnp.asarray(problem.xs, dtype)
+        self.xs = (jnp.asarray(problem.xs, jnp.int32) if config.task == "tokens"
+                   else jnp.asarray(problem.xs, dtype))
         if config.task == "regression":
             self.ys, self.loss_fn = jnp.asarray(problem.ys, dtype), tbptt_jax.losses.mse
         else:
@@ -303,7 +322,9 @@ class _TorchImplementation(Implementation):
         dtype = TORCH_DTYPES[problem.dtype]
         self.model = copy.deepcopy(problem.model).to(device=problem.device, dtype=dtype)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=LEARNING_RATE)
-        self.xs = torch.from_numpy(problem.xs).to(device=problem.device, dtype=dtype)
+        self.xs = (torch.from_numpy(problem.xs).to(device=problem.device)
+                   if problem.config.task == "tokens"
+                   else torch.from_numpy(problem.xs).to(device=problem.device, dtype=dtype))
         if problem.config.task == "regression":
             self.ys = torch.from_numpy(problem.ys).to(device=problem.device, dtype=dtype)
             self.loss_fn = tbptt_torch.losses.mse
@@ -443,6 +464,8 @@ class TorchCudnn(_TorchImplementation):
     def skip_reason(problem: Problem) -> str | None:
         if problem.device != "cuda":
             return "cuDNN needs --device cuda"
+        if problem.config.task == "tokens":
+            return "the bare loop runs a tbptt_torch.models model's .rnn and .head only"
         return _k2_reason(problem)
 
     def call(self) -> None:
@@ -870,7 +893,7 @@ def write_results(results: dict[str, Any], out_dir: Path, name: str) -> Path:
 # streams the memory check over 10^5 steps, so that the whole suite takes 5-20 minutes
 # on two idle cores; `--steps L=1000 word-LM=350 --memory-steps 10000 1000000`
 # runs the full figures.
-CPU_STEPS = {"L": 500, "word-LM": 175}
+CPU_STEPS = {"L": 500, "word-LM": 175, "word-LM-tokens": 175}
 CPU_MEMORY_STEPS = (10_000, 100_000)
 
 

@@ -48,6 +48,10 @@ class Progress:
         self._bar.set_postfix_str(postfix, refresh=False)
         self._bar.update(done - self._bar.n)
 
+    def write(self, line: str) -> None:
+        """Prints `line` on stdout without breaking the bar (tqdm clears and redraws it)."""
+        tqdm.write(line)
+
     def close(self) -> None:
         """Draws the bar's final state and ends its line."""
         if self._bar is not None:

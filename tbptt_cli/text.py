@@ -5,8 +5,8 @@ The default corpus ships with Python: the public top-level modules of its standa
 is the same on every run of a given Python; `read_corpus` takes a file of one's own
 instead. The alphabet is fixed: newline and the 95 printable ASCII characters, every other
 character (tabs, non-ASCII) sharing one more symbol, so any text encodes. The text is cut
-into B parallel contiguous streams (`streams` reads as much as a run needs) and fed
-time-major, one-hot, to the next-character task.
+into B parallel contiguous streams (`streams` reads as much as a run needs; `tbptt.data`
+cuts them) and fed time-major, one-hot, to the next-character task.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from tbptt.data import batchify, next_step_pairs, segments
 
 # Newline and the 95 printable ASCII characters; every other character is OTHER.
 ALPHABET = "\n" + "".join(chr(code) for code in range(32, 127))
@@ -97,8 +99,7 @@ def make_streams(codes: np.ndarray, batch_size: int, steps: int
     if codes.shape[0] < needed:
         raise ValueError(f"{batch_size} streams of {steps} steps need {needed} characters, "
                          f"got {codes.shape[0]}")
-    streams = codes[:needed].reshape(batch_size, steps + 1).T
-    return streams[:-1], streams[1:]
+    return next_step_pairs(batchify(codes[:needed], batch_size))
 
 
 def one_hot(codes: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
@@ -106,12 +107,12 @@ def one_hot(codes: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
     return np.eye(VOCAB_SIZE, dtype=dtype)[codes]
 
 
-def segments(inputs: np.ndarray, targets: np.ndarray, length: int, dtype: Any = np.float32
-             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def one_hot_segments(inputs: np.ndarray, targets: np.ndarray, length: int,
+                     dtype: Any = np.float32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Consecutive `(xs[length, B, VOCAB_SIZE], ys[length, B])` pieces of the streams (the
     last may be shorter)."""
-    for start in range(0, inputs.shape[0], length):
-        yield one_hot(inputs[start:start + length], dtype), targets[start:start + length]
+    for xs, ys in segments(inputs, targets, length=length):
+        yield one_hot(xs, dtype), ys
 
 
 class Streams(NamedTuple):

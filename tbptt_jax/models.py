@@ -10,8 +10,10 @@ cross frameworks by copying. The carry has torch's layout: LSTM `(h, c)`, each
 `apply` runs one layer at a time over the whole chunk, as cuDNN does: the input projection
 of every step is one matrix product outside the recurrence, and the recurrence is the fast
 layer of `tbptt_jax._kernels` (a `lax.scan` with a hand-written backward pass); the input
-projections and the readout of the whole window are `_kernels.project`. `step` is the
-plain one-step reference, differentiated by JAX, that the tests hold `apply` to.
+projections and the readout of the whole window are `_kernels.project`. `hidden_states` is
+the stack without the readout (with torch's dropout between layers), for models of one's
+own around it. `step` is the plain one-step reference, differentiated by JAX, that the
+tests hold `apply` to.
 """
 
 from __future__ import annotations
@@ -119,10 +121,36 @@ class RecurrentModel:
         Returns:
           `(carry, ys)`: the state after the last step and outputs of shape `[T, B, O]`.
         """
+        carry, hidden = self.hidden_states(params, carry, xs, resets)
+        ys = _kernels.project(params["head.weight"], hidden, False)
+        return carry, ys + params["head.bias"][None, None]
+
+    def hidden_states(
+        self, params: Params, carry: Carry, xs: Array, resets: Array | None = None, *,
+        dropout: float = 0.0, key: Array | None = None
+    ) -> tuple[Carry, Array]:
+        """The recurrent layers alone, without the readout: the torch model's `.rnn`, for a
+        model of one's own that reads the last layer's states (only the `rnn.` entries of
+        `params` are read).
+
+        Args:
+          params, carry, xs, resets: as `apply` takes them.
+          dropout: with a `key`, each layer's outputs but the last's are zeroed with this
+            probability and the rest scaled by `1 / (1 - dropout)` before the next layer
+            reads them: `torch.nn.LSTM(..., dropout=)` in training mode. Without a key,
+            none (evaluation mode).
+          key: a PRNG key for the dropout masks, e.g. the one the trainer hands `apply_fn`.
+
+        Returns:
+          `(carry, hs)`: the state after the last step and the last layer's hidden states
+          `[T, B, H]`.
+        """
         recurrent_layer = _kernels.layer(self.cell)
         layer_inputs = xs
         final_carries = []
         for layer in range(self.num_layers):
+            if layer and key is not None and dropout > 0:
+                layer_inputs = dropped(jax.random.fold_in(key, layer), layer_inputs, dropout)
             # One matrix product for the input projection of every step of the chunk (the
             # layer adds the biases).
             projected = _kernels.project(params[f"rnn.weight_ih_l{layer}"], layer_inputs,
@@ -132,8 +160,7 @@ class RecurrentModel:
                 params[f"rnn.bias_ih_l{layer}"], projected, self._layer_carry(carry, layer),
                 resets)
             final_carries.append(layer_carry)
-        ys = _kernels.project(params["head.weight"], layer_inputs, False)
-        return self._stack_layers(final_carries), ys + params["head.bias"][None, None]
+        return self._stack_layers(final_carries), layer_inputs
 
     def step(
         self, params: Params, carry: Carry, x: Array, reset: Array | None = None
@@ -153,6 +180,14 @@ class RecurrentModel:
             layer_input = _hidden(layer_carry, self.cell)
         return self._stack_layers(new_carries), (
             layer_input @ params["head.weight"].T + params["head.bias"][None])
+
+
+def dropped(key: Array, values: Array, rate: float) -> Array:
+    """Inverted dropout, as `torch.nn.functional.dropout` in training mode: each element is
+    zeroed with probability `rate`, the rest scaled by `1 / (1 - rate)`; a select, so a
+    dropped NaN does not leak."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, values.shape)
+    return jnp.where(keep, values / (1.0 - rate), jnp.zeros_like(values))
 
 
 def elman(input_size: int, hidden_size: int, output_size: int, *, num_layers: int = 1

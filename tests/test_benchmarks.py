@@ -56,6 +56,8 @@ CASES = [
                               "one-hot"), "lstm", id="lstm-2layer-one-hot-cross-entropy"),
     pytest.param(suite.Config("tiny-word", 4, 8, 7, 1, 2, 20, 5, 5, "classification",
                               "embedded"), "elman", id="elman-embedded-cross-entropy"),
+    pytest.param(suite.Config("tiny-tokens", 4, 8, 7, 2, 2, 20, 5, 5, "tokens",
+                              "token ids"), "lstm", id="lstm-token-ids-cross-entropy"),
 ]
 
 

@@ -18,7 +18,7 @@ import optax
 
 import tbptt_jax
 from tbptt_cli.char_lm import BETAS, EPS, OnCall, Run, Step
-from tbptt_cli.text import VOCAB_SIZE, one_hot, segments
+from tbptt_cli.text import VOCAB_SIZE, one_hot, one_hot_segments
 from tbptt_jax import sharding
 
 MODELS = {"elman": tbptt_jax.models.elman, "gru": tbptt_jax.models.gru,
@@ -72,7 +72,7 @@ def train(model: tbptt_jax.models.RecurrentModel, params: dict, inputs: np.ndarr
     if mesh is not None:
         params, opt_state, carry = sharding.shard_state(mesh, params, opt_state, carry)
     losses, seconds = [], []
-    for xs, ys in segments(inputs, targets, segment_length, np.dtype(dtype)):
+    for xs, ys in one_hot_segments(inputs, targets, segment_length, np.dtype(dtype)):
         start = time.perf_counter()
         if mesh is not None:
             xs, ys, _ = sharding.shard_batch(mesh, xs, ys)

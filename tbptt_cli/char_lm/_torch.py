@@ -16,7 +16,7 @@ import torch
 
 import tbptt_torch
 from tbptt_cli.char_lm import BETAS, EPS, OnCall, Run, Step
-from tbptt_cli.text import VOCAB_SIZE, one_hot, segments
+from tbptt_cli.text import VOCAB_SIZE, one_hot, one_hot_segments
 
 MODELS = {"elman": tbptt_torch.models.ElmanModel, "gru": tbptt_torch.models.GRUModel,
           "lstm": tbptt_torch.models.LSTMModel}
@@ -45,7 +45,7 @@ def train(model: tbptt_torch.models.RecurrentModel, inputs: np.ndarray, targets:
     dtype = next(model.parameters()).dtype
     carry = None  # the model's zero carry
     losses, seconds = [], []
-    for xs, ys in segments(inputs, targets, segment_length):
+    for xs, ys in one_hot_segments(inputs, targets, segment_length):
         start = time.perf_counter()
         carry, segment_losses = tbptt_torch.tbptt_train_step(
             model, optimizer, carry, torch.from_numpy(xs).to(dtype), torch.from_numpy(ys),
