@@ -196,7 +196,8 @@ CASES = [
          lambda t: {"k2": 4, "resets": t.array(np.zeros((STEPS, BATCH), bool)),
                     "carry": t.OverlapCarry(t.array(lstm_carry(1, BATCH, HIDDEN)),
                                             t.array(XS[:1]), t.array(np.zeros((1, 3), bool)))},
-         "carry: the OverlapCarry's resets must have shape [1, 2], got [1, 3]"),
+         "carry: the OverlapCarry's resets must be bool of shape [1, 2], got {t}bool of shape "
+         "[1, 3]"),
     case("overlap-state-wrong-H",
          lambda t: {"k2": 4, "carry": t.OverlapCarry(t.array(lstm_carry(1, BATCH, 4)),
                                                      t.array(XS[:1]), None)},
@@ -217,13 +218,16 @@ def test_bad_input_raises_a_value_error_before_any_parameter_changes(
 
 @pytest.mark.parametrize(("framework", "message"), [
     ("jax", "ys of shape float64[5, 2, 3] does not fit loss_fn with the model's predictions "
-            "of shape float64[1, 2, 1] for one step: mse: preds and targets must have one "
+            "of shape float64[1, 2, 1] for 1 step: mse: preds and targets must have one "
             "shape, got (1, 2, 1) and (1, 2, 3)"),
-    ("torch", "mse: preds and targets must have one shape, got (2, 2, 1) and (2, 2, 3)"),
+    ("torch", "ys of shape float64[5, 2, 3] does not fit loss_fn with the model's predictions "
+              "of shape float64[2, 2, 1] for 2 steps: mse: preds and targets must have one "
+              "shape, got (2, 2, 1) and (2, 2, 3)"),
 ])
 def test_targets_of_another_feature_shape_fail_in_the_loss_before_any_update(framework, message):
     """ys with the right [T, B] but other features: JAX traces loss_fn on one step before
-    running; torch's loss rejects them in the first window (k1=2), before an optimizer step."""
+    running; torch runs it on the first window (k1=2), before an optimizer step; both quote
+    the loss's own error after naming ys."""
     trainer = TRAINERS[framework]()
     with pytest.raises(ValueError, match=re.escape(message)):
         trainer.call(ys=trainer.array(np.zeros((STEPS, BATCH, 3))))
@@ -326,7 +330,7 @@ def test_numpy_and_list_data_train_as_arrays_do(framework):
 def test_torch_resets_must_be_arrays():
     trainer = TorchTrainer()
     with pytest.raises(ValueError, match=re.escape(
-            "resets must be torch tensors or numpy arrays in tuples, lists or dicts, got str "
+            "resets must be arrays (numpy or the framework's) in tuples, lists or dicts; got str "
             "at resets")):
         trainer.call(resets="none")
     trainer.assert_unchanged()
