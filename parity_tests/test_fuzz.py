@@ -13,7 +13,8 @@ stand-in: see `tbptt_jax._windows.dead`; and the overlap's inputs and resets exa
 The default run draws `DEFAULT_CASES` cases per cell, the same each run. `pytest -m slow`
 draws `SLOW_CASES` per chunk over `SLOW_CHUNKS` chunks, 1,080 cases in all, new ones each
 run; each chunk records the largest relative differences it met as the JUnit property
-`worst` (`--junitxml`).
+`worst` (`--junitxml=FILE -o junit_family=xunit1`: pytest's default xunit2 refuses
+properties, a warning this project's settings turn into an error).
 """
 
 from __future__ import annotations

@@ -43,9 +43,11 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 
 def check_overlap(xs_shape: Sequence[int], resets_shape: Sequence[int] | None,
-                  sequence_shape: Sequence[int], k1: int, k2: int) -> None:
+                  sequence_shape: Sequence[int], k1: int, k2: int, *, xs_dtype: str,
+                  sequence_dtype: str, resets_dtype: str | None) -> None:
     """Checks an OverlapCarry's inputs `[n, B, ...]` and resets `[n, B]` against this call's
-    xs `[T, B, ...]`: at most k2 - k1 steps, the same batch and features."""
+    xs `[T, B, ...]`: at most k2 - k1 steps, the same batch, features and dtype (dtypes as
+    the framework names them), and bool resets."""
     steps, expected = xs_shape[0], [*sequence_shape[1:]]
     if steps > k2 - k1:
         raise ValueError(f"carry: an OverlapCarry holds at most k2 - k1 = {k2 - k1} steps, "
@@ -53,9 +55,14 @@ def check_overlap(xs_shape: Sequence[int], resets_shape: Sequence[int] | None,
     if list(xs_shape[1:]) != expected:
         raise ValueError(f"carry: the OverlapCarry's xs must have shape {[steps, *expected]} "
                          f"(n steps, then the batch and features of xs), got {list(xs_shape)}")
-    if resets_shape is not None and list(resets_shape) != [steps, expected[0]]:
-        raise ValueError(f"carry: the OverlapCarry's resets must have shape "
-                         f"{[steps, expected[0]]}, got {list(resets_shape)}")
+    if xs_dtype != sequence_dtype:
+        raise ValueError(f"carry: the OverlapCarry's xs must have the dtype of xs, "
+                         f"{sequence_dtype}, got {xs_dtype}")
+    if resets_shape is not None and (list(resets_shape) != [steps, expected[0]]
+                                     or str(resets_dtype).removeprefix("torch.") != "bool"):
+        raise ValueError(f"carry: the OverlapCarry's resets must be bool of shape "
+                         f"{[steps, expected[0]]}, got {resets_dtype} of shape "
+                         f"{list(resets_shape)}")
 
 
 def check_param_shapes(expected: Mapping[str, Sequence[int]],
@@ -120,6 +127,15 @@ def check_mask(shape: Sequence[int], dtype: str, is_weight_type: bool,
                          f"{tuple(sequence)}, got {dtype} of shape {tuple(shape)}")
 
 
+def check_mask_weights(first_bad: tuple[int, int] | None, value: float) -> None:
+    """A mask's weights must be finite and >= 0 (SPEC §1); `first_bad` is the `(t, b)` of
+    the first that is not, None if all are. A negative weight would make a "mean" divide
+    by a sum that may be 0 or negative; a NaN one would stop the update as a NaN loss."""
+    if first_bad is not None:
+        raise ValueError(f"mask must hold finite weights >= 0, got {value} at [t, b] = "
+                         f"{first_bad}")
+
+
 def check_carry(expected: object, got: object, batch_size: int) -> None:
     """A carry, described leaf by leaf as `dtype[shape]` in its structure, must be the one
     the model declares for this batch size."""
@@ -141,6 +157,40 @@ def flattened_preds(name: str, shape: Sequence[int], steps: int, batch: int) -> 
     raise ValueError(f"{name} must be [t, B, ...], or [t * B, ...] flattened time-major, for "
                      f"a model call over t = {steps} steps of B = {batch} sequences; got "
                      f"shape {tuple(shape)}")
+
+
+def not_arrays(name: str, leaf: object, path: str, *, alternative: str = "") -> ValueError:
+    """The error for `name` holding something other than arrays: `leaf` at `path`."""
+    return ValueError(f"{name} must be arrays (numpy or the framework's) in tuples, lists or "
+                      f"dicts{alternative}; got {type(leaf).__name__} at {name}{path}")
+
+
+def check_callable(name: str, value: object, signature: str, *, optional: bool = False
+                   ) -> None:
+    if not callable(value) and not (optional and value is None):
+        raise ValueError(f"{name} must be callable {signature}{' or None' if optional else ''}, "
+                         f"got {type(value).__name__}")
+
+
+def check_losses(shape: Sequence[int] | None, got: str, steps: int, batch: int) -> None:
+    """`loss_fn` must return a `[t, b]` array for `steps` steps; `shape` is what it returned
+    (None for something without one, described by `got`)."""
+    expected = (steps, batch)
+    if shape is None or tuple(shape) != expected:
+        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
+                         f"shape {expected} for {_steps(steps)}, got "
+                         f"{got if shape is None else tuple(shape)}")
+
+
+def loss_fails(ys: str, preds: str, steps: int, error: Exception) -> ValueError:
+    """The error for a `loss_fn` that fails on the targets and the model's predictions for
+    `steps` steps (each described as the frameworks describe them), quoting its error."""
+    return ValueError(f"ys of shape {ys} does not fit loss_fn with the model's predictions of "
+                      f"shape {preds} for {_steps(steps)}: {error}")
+
+
+def _steps(steps: int) -> str:
+    return "1 step" if steps == 1 else f"{steps} steps"
 
 
 def model_fails(carry: object, xs: str, error: Exception) -> ValueError:

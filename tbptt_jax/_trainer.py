@@ -29,6 +29,7 @@ steps, and hands back `(params, opt_state, carry, metrics)`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -42,12 +43,16 @@ from tbptt.checks import (
     ON_NONFINITE,
     REDUCTIONS,
     TAILS,
+    check_callable,
     check_carry,
     check_choice,
     check_class_ids,
     check_float_dtypes,
+    check_int,
     check_k,
+    check_losses,
     check_mask,
+    check_mask_weights,
     check_overlap,
     check_param_shapes,
     check_resets,
@@ -55,7 +60,9 @@ from tbptt.checks import (
     class_count,
     declared_class_axis,
     flattened_preds,
+    loss_fails,
     model_fails,
+    not_arrays,
 )
 from tbptt.stream import NONFINITE, NonFiniteLossError, OverlapCarry, nonfinite_message
 from tbptt_jax import _windows
@@ -157,10 +164,8 @@ def trainer(apply_fn: ApplyFn, loss_fn: LossFn, optimizer: optax.GradientTransfo
     k1, k2 = check_k(k1, k2)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("tail", tail, TAILS)
-    if not callable(apply_fn):
-        raise ValueError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    check_callable("apply_fn", apply_fn, "(params, carry, xs) -> (carry, preds)")
+    check_callable("loss_fn", loss_fn, "(preds, targets) -> losses[t, b]")
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got "
                          f"{type(optimizer).__name__}")
@@ -185,7 +190,7 @@ def _init(config: _Config, params: Params, xs: Any, carry: Carry | None = None, 
       key: a PRNG key for `apply_fn` (dropout), or None for none.
       opt_state: the optimizer state to continue from; default `optimizer.init(params)`.
     """
-    xs = _as_arrays(xs)
+    xs = _as_arrays(xs, "xs")
     batch = _sequence(xs, "xs")[1]
     if carry is None:
         carry = _zero_carry(config, params, batch)
@@ -442,22 +447,45 @@ def _sequence(tree: Any, name: str) -> tuple[int, int]:
     return check_sequences(shapes, shapes)
 
 
-def _as_arrays(tree: Any) -> Any:
-    """Data as arrays: a pytree of array-likes; a nested list of numbers is one array."""
-    if isinstance(tree, list):
-        array = np.asarray(tree)
-        if array.dtype != object:
-            return jnp.asarray(array)
+def _as_arrays(tree: Any, name: str) -> Any:
+    """Data as arrays: a pytree of array-likes; a nested list of numbers is one array (a
+    list of arrays is a structure, as torch's trainer takes it)."""
+    if isinstance(tree, list) and all(isinstance(leaf, (numbers.Number, np.generic))
+                                      for leaf in jax.tree.leaves(tree)):
+        return jnp.asarray(np.asarray(tree))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic, numbers.Number)):
+            raise not_arrays(name, leaf, jax.tree_util.keystr(path))
     return jax.tree.map(jnp.asarray, tree)
 
 
 def _as_carry(carry: Any) -> Carry:
     for path, leaf in jax.tree_util.tree_flatten_with_path(carry)[0]:
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            raise ValueError(f"carry must be arrays in a pytree (or None for the model's zero "
-                             f"carry); got {type(leaf).__name__} at "
-                             f"carry{jax.tree_util.keystr(path)}")
+            raise not_arrays("carry", leaf, jax.tree_util.keystr(path),
+                             alternative=", or None for the model's zero carry")
     return jax.tree.map(jnp.asarray, carry)
+
+
+def _check_mask_weights(mask: Array | None) -> None:
+    """Float weights must be finite and >= 0, checked where their values are known (not
+    under a caller's `jax.jit`, where the step cannot look at them)."""
+    if mask is None or isinstance(mask, jax.core.Tracer) or not jnp.issubdtype(
+            mask.dtype, jnp.floating):
+        return
+    bad = ~(jnp.isfinite(mask) & (mask >= 0))
+    if bool(jnp.any(bad)):
+        first = tuple(int(i) for i in np.argwhere(np.asarray(bad))[0])
+        check_mask_weights(first, float(mask[first]))
+
+
+def _check_key(key: Any) -> None:
+    is_key = isinstance(key, (jax.Array, np.ndarray)) and (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == np.uint32 and key.shape[-1:] == (2,)))
+    if key is not None and not is_key:
+        raise ValueError(f"key must be a PRNG key (jax.random.key(seed) or "
+                         f"jax.random.PRNGKey(seed)) or None, got {_describe(key)}")
 
 
 def _zero_carry(config: _Config, params: Params, batch: int) -> Carry:
@@ -539,6 +567,12 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
                              "(was the state made with other k1, k2 or data?)")
     params, carry, batch = state.params, state.carry, sequence[1]
     _check_params(config, params)
+    expected = jax.eval_shape(config.optimizer.init, params)
+    if jax.tree.structure(expected) != jax.tree.structure(state.opt_state) or jax.tree.map(
+            np.shape, expected) != jax.tree.map(np.shape, state.opt_state):
+        raise ValueError(f"opt_state must have the structure and shapes of "
+                         f"optimizer.init(params): expected {_describe(expected)}, got "
+                         f"{_describe(state.opt_state)}")
     floats = _floats(params)
     check_float_dtypes({d.name for d in floats}, {d.name for d in _floats(carry)},
                        {d.name for d in _floats(xs)},
@@ -562,13 +596,8 @@ def _check_step(config: _Config, state: TBPTTState, xs: Any, ys: Any, resets: Ar
         losses = jax.eval_shape(config.loss_fn, preds,
                                 jax.tree.map(lambda leaf: leaf[:1], ys))
     except Exception as error:  # a user's loss_fn may fail in any way
-        raise ValueError(f"ys of shape {_describe(ys)} does not fit loss_fn with the model's "
-                         f"predictions of shape {_describe(preds)} for one step: {error}"
-                         ) from error
-    if not hasattr(losses, "shape") or losses.shape != (1, batch):
-        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
-                         f"shape (1, {batch}) for one step, got "
-                         f"{getattr(losses, 'shape', type(losses).__name__)}")
+        raise loss_fails(str(_describe(ys)), str(_describe(preds)), 1, error) from error
+    check_losses(getattr(losses, "shape", None), type(losses).__name__, 1, batch)
     return sequence, preds
 
 
@@ -689,13 +718,17 @@ def tbptt_train_step(
       `metrics["weight"]` (`[U]`) the owned terms' weight.
     """
     check_choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
+    if not isinstance(updates_done, jax.Array):  # a traced count is the caller's to keep
+        check_int("updates_done", updates_done, minimum=0)
+    _check_key(key)
     configured = trainer(apply_fn, loss_fn, optimizer, k1=k1, k2=k2, reduction=reduction,
                          tail=tail, trace=trace)
     config: _Config = configured.step.keywords["config"]
-    xs, ys = _as_arrays(xs), _as_arrays(ys)
-    resets = None if resets is None else _as_arrays(resets)
-    mask = None if mask is None else _as_arrays(mask)
+    xs, ys = _as_arrays(xs, "xs"), _as_arrays(ys, "ys")
+    resets = None if resets is None else _as_arrays(resets, "resets")
+    mask = None if mask is None else _as_arrays(mask, "mask")
     length, batch = check_sequences(_named_shapes(xs, "xs"), _named_shapes(ys, "ys"))
+    _check_mask_weights(mask)
     state = _state_of(config, params, opt_state, carry, xs, resets, key, updates_done)
     _check_class_ids(config, state, xs, ys, resets is not None, mask)
     state, metrics = configured.step(state, xs, ys, resets=resets, mask=mask)
@@ -729,11 +762,14 @@ def _state_of(config: _Config, params: Params, opt_state: optax.OptState, carry:
     history = history_resets = None
     if isinstance(carry, OverlapCarry):
         carry, history, history_resets = carry
-        history, history_resets = _as_arrays(history), (
-            None if history_resets is None else _as_arrays(history_resets))
-        check_overlap(jax.tree.leaves(history)[0].shape,
-                      None if history_resets is None else history_resets.shape,
-                      jax.tree.leaves(xs)[0].shape, config.k1, config.k2)
+        history, history_resets = _as_arrays(history, "carry.xs"), (
+            None if history_resets is None else _as_arrays(history_resets, "carry.resets"))
+        first, leaf = jax.tree.leaves(history)[0], jax.tree.leaves(xs)[0]
+        check_overlap(first.shape, None if history_resets is None else history_resets.shape,
+                      leaf.shape, config.k1, config.k2, xs_dtype=np.dtype(first.dtype).name,
+                      sequence_dtype=np.dtype(leaf.dtype).name,
+                      resets_dtype=None if history_resets is None else np.dtype(
+                          history_resets.dtype).name)
     state = _init(config, params, xs, carry, resets=resets is not None or (
         history_resets is not None), key=key, opt_state=opt_state)
     if config.overlap and history is not None:

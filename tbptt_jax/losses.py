@@ -36,6 +36,9 @@ def mse(preds: Array, targets: Array) -> Array:
 @takes_class_ids
 def cross_entropy(logits: Array, labels: Array) -> Array:
     """Softmax cross-entropy of integer labels: logits `[T, B, C]`, labels `[T, B]` -> `[T, B]`."""
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(f"cross_entropy: labels must be integer class ids, got "
+                         f"{jnp.dtype(labels.dtype).name}")
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: labels must have shape {logits.shape[:-1]} (the "
                          f"logits' without the class axis), got {labels.shape}")

@@ -36,19 +36,24 @@ from tbptt.checks import (
     ON_NONFINITE,
     REDUCTIONS,
     TAILS,
+    check_callable,
     check_carry,
     check_choice,
     check_class_ids,
     check_float_dtypes,
     check_k,
+    check_losses,
     check_mask,
+    check_mask_weights,
     check_overlap,
     check_resets,
     check_sequences,
     class_count,
     declared_class_axis,
     flattened_preds,
+    loss_fails,
     model_fails,
+    not_arrays,
 )
 from tbptt.schedule import Update, plan, run_window
 from tbptt.stream import NonFiniteLossError, OverlapCarry, nonfinite_message
@@ -77,15 +82,15 @@ def _run_model(model: nn.Module, carry: Carry, xs: torch.Tensor,
 
 
 def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
-                 update: Update, loss_fn, reduction, batch: int, xs: str,
+                 update: Update, loss_fn, reduction, batch: int, xs: str, ys: str,
                  check_preds: Callable[[Any], None]) -> tuple[torch.Tensor, torch.Tensor, Carry]:
     """`(loss, weight, carry)`: the loss of one update, the weight of its terms, and the
     carry it hands on.
 
     The first update of a call checks what it runs: the model on the carry and xs (`xs`
-    describes them) it is given, the carry it returns, and its predictions
-    (`check_preds`); every update checks what `loss_fn` returns. All of it before the
-    update's optimizer step.
+    describes them) it is given, the carry it returns, its predictions (`check_preds`), and
+    `loss_fn` on its predictions and `ys` (`ys` describes them); every update checks what
+    `loss_fn` returns. All of it before the update's optimizer step.
     """
     # Truncation: the window starts from a constant; no gradient reaches earlier steps.
     start_carry = _detach(start_carry)
@@ -104,7 +109,7 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
     try:
         handoff_carry, preds = run_window(run, start_carry, update.shape, _concatenate,
                                           _steps_from)
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+    except Exception as error:  # a user's model may fail in any way
         if not first:
             raise
         raise model_fails(_describe(start_carry), xs, error) from error
@@ -122,13 +127,14 @@ def _window_loss(model, start_carry, window_xs, window_resets, targets, weights,
         targets = tree.map_leaves(lambda leaf: torch.where(
             counted.view(counted.shape + (1,) * (leaf.ndim - 2)), leaf,
             torch.zeros_like(leaf)), targets)
-    losses = loss_fn(preds, targets)
-    expected = (update.loss_length, batch)
-    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != expected:
-        got = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return per-step, per-sequence losses [t, b], expected "
-                         f"shape {expected} for this window's {update.loss_length} loss "
-                         f"steps, got {got}")
+    try:
+        losses = loss_fn(preds, targets)
+    except Exception as error:  # a user's loss_fn may fail in any way
+        if not first:
+            raise
+        raise loss_fails(ys, _describe(preds), update.loss_length, error) from error
+    check_losses(tuple(losses.shape) if isinstance(losses, torch.Tensor) else None,
+                 type(losses).__name__, update.loss_length, batch)
     if weights is None:
         weight = torch.tensor(float(losses.numel()), dtype=losses.dtype)
         loss = losses.mean() if reduction == "mean" else losses.sum()
@@ -327,12 +333,15 @@ def tbptt_train_step(
     if not isinstance(undo_nonfinite_steps, bool):
         raise ValueError(f"undo_nonfinite_steps must be True or False, got "
                          f"{undo_nonfinite_steps!r}")
+    _check_model_and_optimizer(model, optimizer)
+    check_callable("loss_fn", loss_fn, "(preds, targets) -> losses[t, b]")
+    check_callable("on_update", on_update, "f(update_index, loss, model)", optional=True)
     device = next(model.parameters()).device
     xs, ys = _as_tensors(xs, "xs", device), _as_tensors(ys, "ys", device)
     resets, mask = (None if value is None else _as_tensors(value, name, device)
                     for name, value in (("resets", resets), ("mask", mask)))
     length, batch = _check_sequences(xs, ys, resets, mask)
-    state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2)
+    state, history_xs, history_resets = _split_carry(model, carry, xs, k1, k2, device)
     _check_dtypes(model, state, xs)
     _check_declared_carry(model, state, batch)
     history = tree.leaves(history_xs)[0][1].shape[0]
@@ -359,7 +368,7 @@ def tbptt_train_step(
         return _sanitize(window_xs, ext_resets[start:stop],
                          _dead(steps, slice(start, stop), loss_start))
 
-    described = _describe_data(xs)
+    described = _describe_data(xs), str(_describe(ys))
     check_preds = _class_ids_check(loss_fn, ys, mask)
     losses = []
     for update in schedule.updates:
@@ -368,7 +377,7 @@ def tbptt_train_step(
         loss, weight, state = _window_loss(
             model, state, *window(update.window_start, update.loss_stop, update.loss_start),
             _steps(ys, owned.start, owned.stop), None if mask is None else mask[owned],
-            update, loss_fn, reduction, batch, described, check_preds)
+            update, loss_fn, reduction, batch, *described, check_preds)
         loss.backward()
         # A non-finite loss, gradient or step result never reaches the parameters or the
         # optimizer state; nor does an update whose terms are all masked out.
@@ -456,20 +465,16 @@ def _check_clip_grad_norm(clip_grad_norm: object) -> None:
                          f"got {clip_grad_norm!r}")
 
 
-def _as_tensors(data: Any, name: str, device: torch.device) -> Any:
+def _as_tensors(data: Any, name: str, device: torch.device, *, alternative: str = "") -> Any:
     """Tensors in nested tuples, lists and dicts as given; numpy arrays (and a nested list
-    of numbers, which is one array) become tensors on the model's device."""
-    if isinstance(data, list):
-        array = np.asarray(data)
-        if array.dtype != object:
-            return torch.as_tensor(array, device=device)
-    found = tree.leaves(data)
-    if not found:
-        raise ValueError(f"{name} must hold at least one tensor, got {data!r}")
-    for path, leaf in found:
+    of numbers, which is one array; a list of arrays is a structure) become tensors on the
+    model's device. `alternative` ends the message for anything else."""
+    if isinstance(data, list) and all(isinstance(leaf, (numbers.Number, np.generic))
+                                      for _, leaf in tree.leaves(data)):
+        return torch.as_tensor(np.asarray(data), device=device)
+    for path, leaf in tree.leaves(data):
         if not isinstance(leaf, (torch.Tensor, np.ndarray)):
-            raise ValueError(f"{name} must be torch tensors or numpy arrays in tuples, lists "
-                             f"or dicts, got {type(leaf).__name__} at {name}{path}")
+            raise not_arrays(name, leaf, path, alternative=alternative)
     return tree.map_leaves(
         lambda leaf: leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(
             leaf, device=device), data)
@@ -500,35 +505,65 @@ def _check_sequences(xs: Any, ys: Any, resets: torch.Tensor | None,
                              f"{type(mask).__name__}")
         check_mask(mask.shape, str(mask.dtype),
                    mask.dtype == torch.bool or mask.is_floating_point(), sequence)
+        if mask.is_floating_point():
+            bad = ~(torch.isfinite(mask) & (mask >= 0))
+            if bool(bad.any()):
+                first = tuple(int(i) for i in bad.nonzero()[0])
+                check_mask_weights(first, mask[first].item())
     return sequence
 
 
-def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: int
-                 ) -> tuple[Carry, torch.Tensor, torch.Tensor | None]:
-    """(model state, overlap inputs, overlap resets) from what the caller passed."""
+def _split_carry(model: nn.Module, carry: Any, xs: torch.Tensor, k1: int, k2: int,
+                 device: torch.device) -> tuple[Carry, torch.Tensor, torch.Tensor | None]:
+    """(model state, overlap inputs, overlap resets) from what the caller passed; numpy
+    arrays in it become tensors on the model's device."""
     history_xs, history_resets = _steps(xs, 0, 0), None
     if isinstance(carry, OverlapCarry):
         carry, history_xs, history_resets = carry
+        history_xs = _as_tensors(history_xs, "carry.xs", device)
+        if history_resets is not None:
+            history_resets = _as_tensors(history_resets, "carry.resets", device)
+        if tree.structure(history_xs) != tree.structure(xs):
+            raise ValueError(f"carry: the OverlapCarry's xs must have the structure of xs, "
+                             f"{_describe_data(xs)}, got {_describe_data(history_xs)}")
         for (_, history), (_, leaf) in zip(tree.leaves(history_xs), tree.leaves(xs),
                                            strict=True):
             check_overlap(history.shape,
                           None if history_resets is None else history_resets.shape,
-                          leaf.shape, k1, k2)
+                          leaf.shape, k1, k2, xs_dtype=str(history.dtype),
+                          sequence_dtype=str(leaf.dtype),
+                          resets_dtype=None if history_resets is None else str(
+                              history_resets.dtype))
     initial_carry = getattr(model, "initial_carry", None)
     if carry is None:
         if initial_carry is None:
             raise ValueError("carry: None means the model's zero carry, but the model has no "
                              "initial_carry(batch_size) method; pass the carry explicitly")
         return initial_carry(tree.leaves(xs)[0][1].shape[1]), history_xs, history_resets
-    found = tree.leaves(carry)
-    if not found:
+    if not tree.leaves(carry):
         raise ValueError(f"carry must hold at least one tensor, got {carry!r}")
-    for path, leaf in found:
-        if not isinstance(leaf, torch.Tensor):
-            raise ValueError(f"carry must be tensors in tuples, lists or dicts (or None for "
-                             f"the model's zero carry); got {type(leaf).__name__} at "
-                             f"carry{path}")
+    carry = _as_tensors(carry, "carry", device,
+                        alternative=", or None for the model's zero carry")
     return carry, history_xs, history_resets
+
+
+def _check_model_and_optimizer(model: Any, optimizer: Any) -> None:
+    """The model must be a module with parameters, and the optimizer update only them (one
+    made for another model, or a copy, would step tensors the trainer never touches)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
+                         f"{type(optimizer).__name__}")
+    own = {id(p) for p in model.parameters()}
+    if not own:
+        raise ValueError(f"model must have parameters to train, got a {type(model).__name__} "
+                         "with none")
+    foreign = sum(id(p) not in own for group in optimizer.param_groups for p in group["params"])
+    if foreign:
+        raise ValueError(f"optimizer must update model.parameters(), but {foreign} of the "
+                         "tensors it updates are not the model's (was it made for another "
+                         "model, or a copy of this one?)")
 
 
 def _check_declared_carry(model: nn.Module, carry: Carry, batch_size: int) -> None:

@@ -77,11 +77,7 @@ def save(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer
       `path`. When this returns, the file is complete and synced to disk; if it raises,
       the checkpoint that was at `path` is still there, untouched.
     """
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
-                         f"{type(optimizer).__name__}")
+    _check_types(model, optimizer)
     payload = {
         "format": FORMAT, "version": VERSION,
         "model": model.state_dict(),
@@ -120,6 +116,7 @@ def restore(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimi
       ValueError: the checkpoint does not fit `model` or `optimizer` (checked before
         anything is loaded).
     """
+    _check_types(model, optimizer)
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -254,6 +251,14 @@ def _decode_carry(node: Any) -> Any:
         return {key: _decode_carry(child) for key, child in content}
     children = [_decode_carry(child) for child in content]
     return tuple(children) if kind == "tuple" else children
+
+
+def _check_types(model: Any, optimizer: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
+                         f"{type(optimizer).__name__}")
 
 
 def _check_model(path: Path, model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:

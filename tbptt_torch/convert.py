@@ -27,6 +27,11 @@ def load_jax(model: nn.Module, params: Mapping[str, Any]) -> nn.Module:
     """Copies JAX `params` (numpy or jax arrays, keyed as the model's `state_dict()`) into
     `model`, cast to the model's dtype. Every key and shape is checked before anything is
     copied, so a mismatch leaves the model untouched."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params must be a dict of arrays keyed as the model's state_dict(), "
+                         f"got {type(params).__name__}")
     state = model.state_dict()
     arrays = {name: np.asarray(value) for name, value in params.items()}
     check_param_shapes({name: tuple(tensor.shape) for name, tensor in state.items()},

@@ -30,6 +30,9 @@ def mse(preds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @takes_class_ids
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy of integer labels: logits `[T, B, C]`, labels `[T, B]` -> `[T, B]`."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"cross_entropy: labels must be integer class ids, got "
+                         f"{str(labels.dtype).removeprefix('torch.')}")
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"cross_entropy: labels must have shape {tuple(logits.shape[:-1])} "
                          f"(the logits' without the class axis), got {tuple(labels.shape)}")

@@ -129,9 +129,10 @@ def test_the_message_counts_the_other_bad_ids_in_both_frameworks():
     expected = message(7) + re.escape("; 1 more is outside it")
     with pytest.raises(ValueError, match=expected):
         train_jax(labels, jax_losses.cross_entropy)[1]()
+    model = torch_model()
     with pytest.raises(ValueError, match=expected):
-        tbptt_torch.tbptt_train_step(torch_model(), torch.optim.SGD(torch_model().parameters(),
-                                     lr=0.1), None, torch.tensor(XS), torch.tensor(labels),
+        tbptt_torch.tbptt_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                                     torch.tensor(XS), torch.tensor(labels),
                                      loss_fn=torch_losses.cross_entropy, k1=K1)
 
 

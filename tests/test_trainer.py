@@ -516,7 +516,7 @@ def test_torch_rejects_a_loss_that_is_not_per_step_and_sequence():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=re.escape(
             "loss_fn must return per-step, per-sequence losses [t, b], expected shape (4, 3) "
-            "for this window's 4 loss steps, got (4, 3, 2)")):
+            "for 4 steps, got (4, 3, 2)")):
         tbptt_torch.tbptt_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), None,
                                      xs, ys, loss_fn=lambda p, t: (p - t) ** 2, k1=4)
     for name, tensor in model.state_dict().items():
