@@ -260,6 +260,7 @@ def test_bench_options_defaults_quick_and_errors(capsys):
     options = suite._options(parser.parse_args([]))
     assert {c.name: c.steps for c in options["configs"]} == {
         "S": 2000, "M": 1000, "M-k2": 1000, "L": 500, "char-rnn": 500, "word-LM": 175,
+        "word-LM-tokens": 175,
         "recipe": 400, "recipe-k2": 400}
     assert options["implementations"] == ["jax", "jax-dp", "torch-hand", "torch-fused",
                                           "torch-ignite", "torch-compile"]
