@@ -270,7 +270,8 @@ def test_bench_options_defaults_quick_and_errors(capsys):
 
     quick = suite._options(parser.parse_args(["--quick", "--steps", "M=150"]))
     assert {c.name: c.steps for c in quick["configs"]} == {
-        "S": 200, "M": 150, "M-k2": 100, "L": 100, "char-rnn": 100, "word-LM": 70, "word-LM-tokens": 70,
+        "S": 200, "M": 150, "M-k2": 100, "L": 100, "char-rnn": 100, "word-LM": 70,
+        "word-LM-tokens": 70,
         "recipe": 40, "recipe-k2": 200}
     assert (quick["repeats"], quick["memory_steps"], quick["matmul_size"]) == \
         (3, (1000, 10_000), 1024)
