@@ -251,19 +251,23 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
                 f"the model's predictions{jax.tree_util.keystr(path)}", leaf.shape, steps,
                 batch) else leaf, preds)
 
+    def window_at(position: Any, length: int) -> tuple[Any, Array | None]:
+        """The inputs and resets of `length` steps from `position` of the extended
+        sequence, its dead steps zeroed and reset."""
+        window = _windows.take(inputs, position, length)
+        if steps is None:
+            return window
+        return _windows.sanitize(window, _windows.dead(steps, position, length,
+                                                       position + overlap))
+
     def update(params, opt_state, start_carry, window_start, index, *, loss_steps,
                padded=True):
         """One TBPTT update: forward over its window, gradient, one optimizer step."""
-        window = _windows.take(inputs, window_start, overlap + loss_steps)
-        if steps is not None:
-            window = _windows.sanitize(window, _windows.dead(
-                steps, window_start, overlap + loss_steps, window_start + overlap))
+        window = window_at(window_start, overlap + loss_steps)
         targets = _windows.take(ys, window_start, loss_steps)
         weights = None if mask is None else _windows.take(mask, window_start, loss_steps)
         key = update_key(index)
-
         pad = pad_at(window_start) if padded else None
-        runs = _windows.RUNS if pad is not None else _windows.RUNS[:1]
         geometry = dict(loss_steps=loss_steps, handoff=loss_steps,
                         chunk=_windows.chunk_size(k1, overlap, loss_steps))
 
@@ -282,10 +286,7 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
                 return loss, (weight, handoff_carry)
             return lambda: jax.value_and_grad(loss_of, has_aux=True)(params)
 
-        branches = [gradient(run) for run in runs]
-        (loss, (weight, handoff_carry)), grads = (
-            branches[0]() if len(branches) == 1 else
-            jax.lax.switch(_windows.which(pad, loss_steps), branches))
+        (loss, (weight, handoff_carry)), grads = _windows.run_chosen(gradient, pad, loss_steps)
         updates, new_opt_state = config.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss, gradient or step result (parameters or optimizer state: Adam's
@@ -328,18 +329,12 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         # params, from the last hand-off to where the next call's first window starts.
         position = full_updates * k1
         key = update_key(full_updates)
-        pad = pad_at(position)
-        runs = _windows.RUNS if pad is not None else _windows.RUNS[:1]
         apply = partial(apply_part, params,
                         None if key is None else jax.random.fold_in(key, config.k2))
-        window = _windows.take(inputs, position, remainder)
-        if steps is not None:  # no step after the last update's is counted
-            window = _windows.sanitize(window, _windows.dead(
-                steps, position, remainder, position + overlap))
-        branches = [partial(run, apply, carry, initial_carry, window, pad, 0, remainder,
-                            _windows.chunk_size(k1, overlap, remainder)) for run in runs]
-        carry, _ = (branches[0]() if len(branches) == 1 else
-                    jax.lax.switch(_windows.which(pad, remainder), branches))
+        window, pad = window_at(position, remainder), pad_at(position)
+        carry, _ = _windows.run_chosen(
+            lambda run: partial(run, apply, carry, initial_carry, window, pad, 0, remainder,
+                                _windows.chunk_size(k1, overlap, remainder)), pad, remainder)
 
     if records:
         record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)

@@ -20,8 +20,8 @@ picks one for a window's pad:
   while its start does not, which a stream fed in segments of k1 steps meets only when k1
   does not divide k2 - k1): the model over the window in chunks, a `lax.cond` per chunk
   holding the initial carry over the pad's chunks without running the model there.
-The trainer takes the gradient inside each run and picks among them with `lax.switch`, so
-no run pays for another's residuals.
+The trainer takes the gradient inside each run and picks among them (`run_chosen`, a
+`lax.switch`), so no run pays for another's residuals.
 
 A window may hold *dead* steps (`dead`): steps of a row whose state a reset of that row
 discards before any loss term still to be counted could read it. The trainer runs them on
@@ -205,3 +205,12 @@ RUNS = (run_fast, run_aligned, run_held)
 def which(pad: Array, handoff: int) -> Array:
     """The index in `RUNS` of the run for a window with `pad` steps of padding."""
     return jnp.where(pad == 0, 0, jnp.where(pad >= handoff, 1, 2))
+
+
+def run_chosen(branch_of: Callable[[Callable[..., Any]], Callable[[], Any]], pad: Array | None,
+               handoff: int) -> Any:
+    """`branch_of(run)()` for the run `which` picks for `pad`: `lax.switch` over every run's
+    branch, or the steady run's alone where the window cannot be padded (`pad` None)."""
+    if pad is None:
+        return branch_of(run_fast)()
+    return jax.lax.switch(which(pad, handoff), [branch_of(run) for run in RUNS])
