@@ -349,3 +349,14 @@ def test_probe_rounds_and_summary():
     text = probe.render_markdown(results)
     assert "| call jax | " in text
     assert f"**{results['jax_over_best_product_median']:.2f}**" in text
+
+
+def test_the_docs_quote_the_check_costs_the_benchmark_wrote():
+    """docs/models.md's table of the class-id check's cost is the results file's, row for
+    row (python -m benchmarks.check_costs writes it)."""
+    results = (suite.RESULTS_DIR / "check-costs.md").read_text()
+    class_ids = results.split("## torch's undo")[0]
+    rows = [line for line in class_ids.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # the header and one row per case
+    docs = (suite.ROOT.parent / "docs" / "models.md").read_text()
+    assert all(row in docs for row in rows)
