@@ -327,6 +327,9 @@ def _fuzz(cell: str, examples: int, fixed_seed: int | None) -> dict[str, float]:
 
     def one(case: Case) -> None:
         worst.update({key: max(worst[key], value) for key, value in check(case).items()})
+        # Each case is a new configuration, compiled anew: the programs of those before it
+        # are only memory mappings, of which a process may hold 65,530 (see conftest.py).
+        jax.clear_caches()
 
     test = given(cases(cell))(one)
     if fixed_seed is not None:
