@@ -268,25 +268,21 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         weights = None if mask is None else _windows.take(mask, window_start, loss_steps)
         key = update_key(index)
         pad = pad_at(window_start) if padded else None
-        geometry = dict(loss_steps=loss_steps, handoff=loss_steps,
-                        chunk=_windows.chunk_size(k1, overlap, loss_steps))
 
-        def gradient(run):
-            def loss_of(params):
-                # Truncation: the window starts from a constant; no gradient reaches
-                # earlier steps.
-                handoff_carry, preds = run(
-                    partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
-                    jax.lax.stop_gradient(initial_carry), window, pad, **geometry)
-                preds = jax.tree.map(
-                    lambda leaf, flat: leaf.reshape(-1, *leaf.shape[2:]) if flat else leaf,
-                    preds, flattened)
-                loss, weight = _reduce(config.loss_fn, preds, targets, weights,
-                                       config.reduction)
-                return loss, (weight, handoff_carry)
-            return lambda: jax.value_and_grad(loss_of, has_aux=True)(params)
+        def loss_of(params):
+            # Truncation: the window starts from a constant; no gradient reaches earlier steps.
+            handoff_carry, preds = _windows.run(
+                partial(apply_part, params, key), jax.lax.stop_gradient(start_carry),
+                jax.lax.stop_gradient(initial_carry), window, pad, loss_steps=loss_steps,
+                handoff=loss_steps)
+            preds = jax.tree.map(
+                lambda leaf, flat: leaf.reshape(-1, *leaf.shape[2:]) if flat else leaf,
+                preds, flattened)
+            loss, weight = _reduce(config.loss_fn, preds, targets, weights, config.reduction)
+            return loss, (weight, handoff_carry)
 
-        (loss, (weight, handoff_carry)), grads = _windows.run_chosen(gradient, pad, loss_steps)
+        (loss, (weight, handoff_carry)), grads = jax.value_and_grad(
+            loss_of, has_aux=True)(params)
         updates, new_opt_state = config.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # A non-finite loss, gradient or step result (parameters or optimizer state: Adam's
@@ -331,10 +327,8 @@ def _step(state: TBPTTState, xs: Any, ys: Any, resets: Array | None = None,
         key = update_key(full_updates)
         apply = partial(apply_part, params,
                         None if key is None else jax.random.fold_in(key, config.k2))
-        window, pad = window_at(position, remainder), pad_at(position)
-        carry, _ = _windows.run_chosen(
-            lambda run: partial(run, apply, carry, initial_carry, window, pad, 0, remainder,
-                                _windows.chunk_size(k1, overlap, remainder)), pad, remainder)
+        carry, _ = _windows.run(apply, carry, initial_carry, window_at(position, remainder),
+                                pad_at(position), loss_steps=0, handoff=remainder)
 
     if records:
         record = jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *records)

@@ -8,20 +8,18 @@ the stream's initial carry at the first step inside it. One traced window thus s
 every update, clipped or not, in the first call of a stream or a later one, so compile
 time does not grow with (k2 - k1) / k1 and a stream's calls share one program.
 
-Three runs of a window give the same values and gradients; `RUNS` lists them and `which`
-picks one for a window's pad:
-- `run_fast`: no pad, the steady state: the model over the window in one call (two, split
-  at the hand-off), from the carry the previous update handed on;
-- `run_aligned`: a pad at least as long as the hand-off offset (so the carry handed on is
-  the stream's initial one): the window's steps inside the stream moved to its front, the
-  model over them from the initial carry in one call, then over zeros, whose outputs
-  nothing reads;
-- `run_held`: a pad shorter than that (only a window whose hand-off lies in the stream
-  while its start does not, which a stream fed in segments of k1 steps meets only when k1
-  does not divide k2 - k1): the model over the window in chunks, a `lax.cond` per chunk
-  holding the initial carry over the pad's chunks without running the model there.
-The trainer takes the gradient inside each run and picks among them (`run_chosen`, a
-`lax.switch`), so no run pays for another's residuals.
+Two runs of a window give the same values and gradients (`run` picks one, statically):
+- `_run_fast`, the steady state, where no window of the phase can reach before the stream:
+  the model over the window in two calls split at the hand-off, from the carry the
+  previous update handed on;
+- `run_padded`, for the first (k2 - k1) / k1 updates of a call, whose pad is known only
+  when the program runs: up to the hand-off, `_run_fast`'s call where there is no pad, else
+  the model step by step from the initial carry, held over the pad (a `lax.cond` per
+  step); from the hand-off on, one call over the window's steps inside the stream moved
+  to the front, then zeros, whose outputs nothing reads.
+The model is thus traced three times for any k2 > k1 (the window, its hand-off part, one
+step), where picking among whole-window runs (`lax.switch`) traced it, and took its
+gradient, once per run.
 
 A window may hold *dead* steps (`dead`): steps of a row whose state a reset of that row
 discards before any loss term still to be counted could read it. The trainer runs them on
@@ -32,7 +30,6 @@ exactly zero, so on finite data the losses and gradients are those of the plain 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -64,13 +61,6 @@ def concatenate(trees: list[Any]) -> Any:
 
 def _steps_from(tree: Any, start: int) -> Any:
     return jax.tree.map(lambda leaf: leaf[start:], tree)
-
-
-def chunk_size(*lengths: int) -> int:
-    """The chunks of a held window: every pad a stream in segments of k1 can make, the
-    hand-off and the window length fall on their boundaries (pass k1, k2 - k1, the hand-off
-    offset and the window length)."""
-    return math.gcd(*lengths)
 
 
 def liveness(resets: Array, counted: Array) -> tuple[Array, Array]:
@@ -133,84 +123,79 @@ def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps
                                concatenate, _steps_from)
 
 
-def _run_held(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Array,
-              loss_steps: int, handoff: int, chunk: int) -> tuple[Carry, Any]:
-    length = leading(inputs)
-    chunks = jax.tree.map(lambda leaf: leaf.reshape(length // chunk, chunk, *leaf.shape[1:]),
-                          inputs)
+def _stepwise(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Array,
+              with_preds: bool) -> tuple[Carry, Any]:
+    """The model one step at a time over `inputs` (the window's first steps), holding the
+    initial carry, without running the model, over the steps the pad covers."""
     step_preds = jax.eval_shape(lambda c, x: apply_part(c, x, 0)[1], initial_carry,
                                 take(inputs, 0, 1))
 
-    def held_steps(carry, part, offset):
-        """A chunk that straddles the pad's end (a stream fed in segments that are not
-        multiples of k1): one step at a time."""
-        def one_step(carry, scanned):
-            index, step = scanned
-            position = offset + index
-            carry, preds = jax.lax.cond(
-                position < pad,
-                lambda: (initial_carry, jax.tree.map(
-                    lambda s: _zeros(s.shape, s.dtype, jax.tree.map(lambda x: x[None], step)),
-                    step_preds)),
-                lambda: apply_part(carry, jax.tree.map(lambda leaf: leaf[None], step),
-                                   position))
-            return carry, jax.tree.map(lambda p: p[0], preds)
-        return jax.lax.scan(one_step, carry, (jnp.arange(chunk), part))
+    def one_step(carry, scanned):
+        position, step = scanned
+        step = jax.tree.map(lambda leaf: leaf[None], step)
 
-    def one_chunk(carry, scanned):
-        index, part = scanned
-        offset = index * chunk
-        branches = [
-            lambda: (initial_carry, jax.tree.map(
-                lambda s: _zeros((chunk, *s.shape[1:]), s.dtype, part), step_preds)),
-            lambda: apply_part(carry, part, offset),
-        ]
-        if chunk > 1:
-            branches.append(lambda: held_steps(carry, part, offset))
-        which = jnp.where(offset + chunk <= pad, 0, jnp.where(offset >= pad, 1, 2))
-        carry, preds = jax.lax.switch(which, branches)
-        return carry, (carry, preds)
+        def held():
+            if not with_preds:
+                return initial_carry
+            return initial_carry, jax.tree.map(
+                lambda s: _zeros(s.shape, s.dtype, step), step_preds)
 
-    _, (carries, preds) = jax.lax.scan(one_chunk, initial_carry,
-                                       (jnp.arange(length // chunk), chunks))
-    handoff_carry = (initial_carry if handoff == 0 else
-                     jax.tree.map(lambda c: c[handoff // chunk - 1], carries))
-    preds = jax.tree.map(lambda p: p.reshape(length, *p.shape[2:])[length - loss_steps:], preds)
-    return handoff_carry, preds
+        def run():
+            carry_after, preds = apply_part(carry, step, position)
+            return (carry_after, preds) if with_preds else carry_after
+
+        out = jax.lax.cond(position < pad, held, run)
+        if not with_preds:
+            return out, None
+        carry_after, preds = out
+        return carry_after, jax.tree.map(lambda p: p[0], preds)
+
+    return jax.lax.scan(one_step, initial_carry,
+                        (jnp.arange(leading(inputs), dtype=jnp.int32), inputs))
 
 
-def run_aligned(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry,
-                inputs: Any, pad: Array, loss_steps: int, handoff: int, chunk: int
-                ) -> tuple[Carry, Any]:
+def run_padded(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry,
+               inputs: Any, pad: Array, loss_steps: int, handoff: int) -> tuple[Carry, Any]:
+    """`run_fast`'s `(handoff_carry, preds)` for a window whose first `pad` steps (traced,
+    at most its length less `loss_steps`) lie before the stream's first step.
+
+    Up to the hand-off: one model call from `start_carry` where there is no pad, else the
+    model step by step from the initial carry, held over the pad. From the hand-off: the
+    steps inside the stream moved to the front and run in one call from the hand-off carry
+    (the initial one wherever the pad reaches past the hand-off), then zeros, whose outputs
+    nothing reads."""
     length = leading(inputs)
-    moved = take(concatenate([inputs, jax.tree.map(jnp.zeros_like, inputs)]), pad, length)
-    _, preds = apply_part(initial_carry, moved, 0)
-    return initial_carry, take(preds, length - pad - loss_steps, loss_steps)
+    overlap = length - loss_steps  # the window's steps before its loss steps
+    front, back = take(inputs, 0, handoff), _steps_from(inputs, handoff)
+    front_preds = overlap < handoff  # some loss steps lie before the hand-off
+
+    def unpadded():
+        carry, preds = apply_part(start_carry, front, 0)
+        return (carry, preds) if front_preds else carry
+
+    def padded():
+        carry, preds = _stepwise(apply_part, initial_carry, front, pad, front_preds)
+        return (carry, preds) if front_preds else carry
+
+    out = jax.lax.cond(pad == 0, unpadded, padded)
+    handoff_carry, preds_before = out if front_preds else (out, None)
+    if handoff == length:  # a dropped tail's advance: no loss steps, only the carry
+        return handoff_carry, None
+    shift = jnp.maximum(pad - handoff, 0)
+    moved = take(concatenate([back, jax.tree.map(jnp.zeros_like, back)]), shift,
+                 length - handoff)
+    _, preds_after = apply_part(handoff_carry, moved, handoff + shift)
+    if front_preds:  # then the pad, at most `overlap`, ends before the hand-off: no shift
+        return handoff_carry, _steps_from(concatenate([preds_before, preds_after]), overlap)
+    return handoff_carry, take(preds_after, overlap - handoff - shift, loss_steps)
 
 
-def run_fast(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
-             pad: Array | None, loss_steps: int, handoff: int, chunk: int
-             ) -> tuple[Carry, Any]:
-    return _run_fast(apply_part, start_carry, inputs, loss_steps, handoff)
-
-
-def run_held(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
-             pad: Array, loss_steps: int, handoff: int, chunk: int) -> tuple[Carry, Any]:
-    return _run_held(apply_part, initial_carry, inputs, pad, loss_steps, handoff, chunk)
-
-
-RUNS = (run_fast, run_aligned, run_held)
-
-
-def which(pad: Array, handoff: int) -> Array:
-    """The index in `RUNS` of the run for a window with `pad` steps of padding."""
-    return jnp.where(pad == 0, 0, jnp.where(pad >= handoff, 1, 2))
-
-
-def run_chosen(branch_of: Callable[[Callable[..., Any]], Callable[[], Any]], pad: Array | None,
-               handoff: int) -> Any:
-    """`branch_of(run)()` for the run `which` picks for `pad`: `lax.switch` over every run's
-    branch, or the steady run's alone where the window cannot be padded (`pad` None)."""
+def run(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry, inputs: Any,
+        pad: Array | None, loss_steps: int, handoff: int) -> tuple[Carry, Any]:
+    """`(handoff_carry, preds)` of an update's window: the carry at the hand-off and the
+    predictions of its last `loss_steps` steps. `pad` is None where the window cannot reach
+    before the stream's start (the steady state), else its traced pad."""
     if pad is None:
-        return branch_of(run_fast)()
-    return jax.lax.switch(which(pad, handoff), [branch_of(run) for run in RUNS])
+        return _run_fast(apply_part, start_carry, inputs, loss_steps, handoff)
+    return run_padded(apply_part, start_carry, initial_carry, inputs, pad, loss_steps,
+                      handoff)
