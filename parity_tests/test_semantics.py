@@ -357,7 +357,7 @@ def test_the_recipe_program_is_at_most_three_times_the_full_window_one():
     """TBPTT(2, 100)'s training step, lowered, is at most 3x the size of TBPTT(100, 100)'s
     (measured 2.65x; 3.65x when each padded window picked among three whole-window runs):
     issue 23's bound on compile time, held by the program's size, which compile time
-    follows (benchmarks/compile_time.py measures the time itself: 2.7-2.8x)."""
+    follows (benchmarks/compile_time.py measures the time itself: 2.7-3.0x here)."""
     model = tbptt_jax.models.lstm(4, 64, 4)
     params = model.init(jax.random.key(0))
     xs, ys = jnp.ones((400, 8, 4)), jnp.ones((400, 8, 4))
