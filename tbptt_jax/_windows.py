@@ -102,9 +102,9 @@ def sanitize(window: tuple[Any, Array], dead_steps: Array) -> tuple[Any, Array]:
 
 
 def _zeros(shape: tuple[int, ...], dtype: Any, part: Any) -> Array:
-    """Zeros for predictions `[t, B, ...]` the held run does not compute, split over the
-    batch as `part` (the chunk's inputs) is: on a mesh with Explicit axes the split is in
-    the type, which the model's predictions carry too."""
+    """Zeros for predictions `[t, B, ...]` of steps held over a pad, split over the batch as
+    `part` (the steps' inputs) is: on a mesh with Explicit axes the split is in the type,
+    which the model's predictions carry too."""
     leaf = jax.tree.leaves(part)[0]
     base = jnp.zeros_like(leaf[(slice(None), slice(None)) + (0,) * (leaf.ndim - 2)], dtype)
     return jnp.broadcast_to(base.reshape(base.shape + (1,) * (len(shape) - 2)), shape)
@@ -125,8 +125,9 @@ def _run_fast(apply_part: ApplyPart, start_carry: Carry, inputs: Any, loss_steps
 
 def _stepwise(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Array,
               with_preds: bool) -> tuple[Carry, Any]:
-    """The model one step at a time over `inputs` (the window's first steps), holding the
-    initial carry, without running the model, over the steps the pad covers."""
+    """`(carry, preds or None)`: the model one step at a time over `inputs` (the window's
+    first steps) from the initial carry, held there, without running the model, over the
+    steps the pad covers (whose predictions are zeros)."""
     step_preds = jax.eval_shape(lambda c, x: apply_part(c, x, 0)[1], initial_carry,
                                 take(inputs, 0, 1))
 
@@ -135,20 +136,15 @@ def _stepwise(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Arr
         step = jax.tree.map(lambda leaf: leaf[None], step)
 
         def held():
-            if not with_preds:
-                return initial_carry
             return initial_carry, jax.tree.map(
-                lambda s: _zeros(s.shape, s.dtype, step), step_preds)
+                lambda s: _zeros(s.shape, s.dtype, step), step_preds) if with_preds else None
 
         def run():
             carry_after, preds = apply_part(carry, step, position)
-            return (carry_after, preds) if with_preds else carry_after
+            return carry_after, preds if with_preds else None
 
-        out = jax.lax.cond(position < pad, held, run)
-        if not with_preds:
-            return out, None
-        carry_after, preds = out
-        return carry_after, jax.tree.map(lambda p: p[0], preds)
+        carry, preds = jax.lax.cond(position < pad, held, run)
+        return carry, jax.tree.map(lambda p: p[0], preds)
 
     return jax.lax.scan(one_step, initial_carry,
                         (jnp.arange(leading(inputs), dtype=jnp.int32), inputs))
@@ -156,7 +152,7 @@ def _stepwise(apply_part: ApplyPart, initial_carry: Carry, inputs: Any, pad: Arr
 
 def run_padded(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry,
                inputs: Any, pad: Array, loss_steps: int, handoff: int) -> tuple[Carry, Any]:
-    """`run_fast`'s `(handoff_carry, preds)` for a window whose first `pad` steps (traced,
+    """`_run_fast`'s `(handoff_carry, preds)` for a window whose first `pad` steps (traced,
     at most its length less `loss_steps`) lie before the stream's first step.
 
     Up to the hand-off: one model call from `start_carry` where there is no pad, else the
@@ -171,14 +167,11 @@ def run_padded(apply_part: ApplyPart, start_carry: Carry, initial_carry: Carry,
 
     def unpadded():
         carry, preds = apply_part(start_carry, front, 0)
-        return (carry, preds) if front_preds else carry
+        return carry, preds if front_preds else None
 
-    def padded():
-        carry, preds = _stepwise(apply_part, initial_carry, front, pad, front_preds)
-        return (carry, preds) if front_preds else carry
-
-    out = jax.lax.cond(pad == 0, unpadded, padded)
-    handoff_carry, preds_before = out if front_preds else (out, None)
+    handoff_carry, preds_before = jax.lax.cond(
+        pad == 0, unpadded,
+        lambda: _stepwise(apply_part, initial_carry, front, pad, front_preds))
     if handoff == length:  # a dropped tail's advance: no loss steps, only the carry
         return handoff_carry, None
     shift = jnp.maximum(pad - handoff, 0)
