@@ -12,9 +12,11 @@ stand-in: see `tbptt_jax._windows.dead`; and the overlap's inputs and resets exa
 
 The default run draws `DEFAULT_CASES` cases per cell, the same each run. `pytest -m slow`
 draws `SLOW_CASES` per chunk over `SLOW_CHUNKS` chunks, 1,080 cases in all, new ones each
-run; each chunk records the largest relative differences it met as the JUnit property
-`worst` (`--junitxml=FILE -o junit_family=xunit1`: pytest's default xunit2 refuses
-properties, a warning this project's settings turn into an error).
+run: each chunk's seed derives from the run's (`--hypothesis-seed=S`, or drawn), so the
+chunks never repeat one another's cases and `--hypothesis-seed=S` replays a run. Each chunk
+records its run's seed and the largest relative differences it met as the JUnit properties
+`run_seed` and `worst` (`--junitxml=FILE -o junit_family=xunit1`: pytest's default xunit2
+refuses properties, a warning this project's settings turn into an error).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import secrets
+import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -321,8 +325,15 @@ def check(case: Case) -> dict[str, float]:
     return worst
 
 
-def _fuzz(cell: str, examples: int, fixed_seed: int | None) -> dict[str, float]:
-    """Runs `examples` cases of `cell`: those of `fixed_seed`, or new ones if None."""
+def _drawn(cell: str, examples: int, fixed_seed: int, visit) -> None:
+    """Calls `visit` on each of the `examples` cases of `cell` that `fixed_seed` draws."""
+    settings(max_examples=examples, deadline=None, database=None,
+             suppress_health_check=[HealthCheck.too_slow])(
+        seed(fixed_seed)(given(cases(cell))(visit)))()
+
+
+def _fuzz(cell: str, examples: int, fixed_seed: int) -> dict[str, float]:
+    """Runs the `examples` cases of `cell` that `fixed_seed` draws."""
     worst = dict.fromkeys(QUANTITIES, 0.0)
 
     def one(case: Case) -> None:
@@ -331,12 +342,14 @@ def _fuzz(cell: str, examples: int, fixed_seed: int | None) -> dict[str, float]:
         # are only memory mappings, of which a process may hold 65,530 (see conftest.py).
         jax.clear_caches()
 
-    test = given(cases(cell))(one)
-    if fixed_seed is not None:
-        test = seed(fixed_seed)(test)
-    settings(max_examples=examples, deadline=None, database=None,
-             suppress_health_check=[HealthCheck.too_slow])(test)()
+    _drawn(cell, examples, fixed_seed, one)
     return worst
+
+
+def chunk_seed(run_seed: str, chunk: int) -> int:
+    """A slow chunk's seed: --hypothesis-seed alone would give every chunk of a cell the
+    same cases."""
+    return zlib.crc32(f"{run_seed}/{chunk}".encode())
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -344,11 +357,35 @@ def test_fuzz(cell, record_property):
     record_property("worst", json.dumps(_fuzz(cell, DEFAULT_CASES, list(CELLS).index(cell))))
 
 
+@pytest.fixture(scope="session")
+def run_seed(request) -> str:
+    """The run's `--hypothesis-seed`, or one drawn for this run."""
+    given_seed = request.config.getoption("hypothesis_seed", None)
+    return str(given_seed) if given_seed is not None else str(secrets.randbelow(2**32))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", range(SLOW_CHUNKS))
-def test_fuzz_slow(chunk, record_property):
+def test_fuzz_slow(chunk, run_seed, record_property):
+    record_property("run_seed", run_seed)
     cell = list(CELLS)[chunk % len(CELLS)]
-    record_property("worst", json.dumps(_fuzz(cell, SLOW_CASES, None)))
+    record_property("worst", json.dumps(_fuzz(cell, SLOW_CASES, chunk_seed(run_seed, chunk))))
+
+
+def test_the_slow_chunks_of_a_cell_draw_different_cases_and_a_run_seed_replays_them():
+    def drawn(chunk: int, run_seed: str = "20261206") -> list[Case]:
+        found = []
+
+        def keep(case: Case) -> None:
+            found.append(case)
+
+        _drawn("gru", 5, chunk_seed(run_seed, chunk), keep)
+        return found
+
+    first = drawn(1)
+    assert first != drawn(1 + len(CELLS))
+    assert first == drawn(1)
+    assert first != drawn(1, run_seed="20261207")
 
 
 def test_a_case_that_makes_no_update_still_hands_the_carry_on():
